@@ -1,0 +1,3 @@
+from biosam.cli.main import main
+
+main()

