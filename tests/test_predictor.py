@@ -5,10 +5,12 @@ from __future__ import annotations
 import imageio.v3 as iio
 import numpy as np
 import pytest
+import torch
 
 import biosam
 from biosam.errors import EmbeddingMismatchError, InputError
 from biosam.evaluate import boxes_from_labels, mask_iou
+from biosam.prompting.preprocess import Frame, logits_to_image
 
 from conftest import shared_file
 
@@ -30,44 +32,49 @@ def nuclei_boxes(dsb_nuclei):
     return boxes[pick], ids[pick]
 
 
-def test_batched_boxes_give_masks_at_image_size(nuclei_predictor, nuclei_boxes, dsb_nuclei):
+@pytest.fixture(scope="module")
+def off_and_auto(nuclei_predictor, nuclei_boxes):
+    boxes, _ = nuclei_boxes
+    return nuclei_predictor.predict(box=boxes, zoom="off"), nuclei_predictor.predict(box=boxes, zoom="auto")
+
+
+def test_batched_boxes_give_masks_at_image_size(off_and_auto, nuclei_boxes, dsb_nuclei):
     boxes, ids = nuclei_boxes
     labels = dsb_nuclei[1]
-    result = nuclei_predictor.predict(box=boxes)
-    n = len(boxes)
-    assert result.masks.shape == (n, *labels.shape) and result.masks.dtype == bool
-    assert result.scores.shape == (n,) and result.low_res_logits.shape == (n, 1, 256, 256)
-    ious = [mask_iou(m, labels == i) for m, i in zip(result.masks, ids)]
-    assert np.mean(ious) > 0.75, ious
-    # Every mask sits on its own nucleus: most of it inside its prompt box.
-    for m, (x0, y0, x1, y1) in zip(result.masks, boxes):
-        inside = m[int(y0) : int(y1) + 1, int(x0) : int(x1) + 1].sum()
-        assert inside >= 0.8 * m.sum() > 0
+    for result in off_and_auto:
+        n = len(boxes)
+        assert result.masks.shape == (n, *labels.shape) and result.masks.dtype == bool
+        assert result.scores.shape == (n,) and result.low_res_logits.shape == (n, 1, 256, 256)
+        ious = [mask_iou(m, labels == i) for m, i in zip(result.masks, ids)]
+        assert np.mean(ious) > 0.7, ious
+        # Every mask sits on its own nucleus: most of it inside its prompt box.
+        for m, (x0, y0, x1, y1) in zip(result.masks, boxes):
+            inside = m[int(y0) : int(y1) + 1, int(x0) : int(x1) + 1].sum()
+            assert inside >= 0.8 * m.sum() > 0
 
 
 def test_batched_equals_one_by_one(nuclei_predictor, nuclei_boxes):
     boxes, _ = nuclei_boxes
     for zoom in ("off", "auto"):
-        batch = nuclei_predictor.predict(box=boxes[:4], zoom=zoom)
-        for k in range(4):
+        batch = nuclei_predictor.predict(box=boxes[:3], zoom=zoom)
+        for k in range(3):
             single = nuclei_predictor.predict(box=boxes[k], zoom=zoom)
             assert single.masks.shape == (1, *batch.masks.shape[1:])
             assert mask_iou(single.masks[0], batch.masks[k]) > 0.99
             np.testing.assert_allclose(single.scores[0], batch.scores[k], atol=1e-4)
 
 
-def test_zoom_improves_small_objects(nuclei_predictor, nuclei_boxes, dsb_nuclei):
-    boxes, ids = nuclei_boxes
+def test_zoom_improves_small_objects(off_and_auto, nuclei_boxes, dsb_nuclei):
+    _, ids = nuclei_boxes
     labels = dsb_nuclei[1]
-    off = nuclei_predictor.predict(box=boxes, zoom="off")
-    auto = nuclei_predictor.predict(box=boxes, zoom="auto")
+    off, auto = off_and_auto
     assert not off.zoomed.any() and auto.zoomed.all()  # nuclei of ~15 px in 512 px: all small at 256 px
     iou_off = np.mean([mask_iou(m, labels == i) for m, i in zip(off.masks, ids)])
     iou_auto = np.mean([mask_iou(m, labels == i) for m, i in zip(auto.masks, ids)])
     assert iou_auto > iou_off + 0.02, (iou_off, iou_auto)
 
 
-def test_points_multimask_and_mask_prompt(nuclei_predictor, nuclei_boxes, dsb_nuclei):
+def test_points_multimask_and_mask_prompt(nuclei_predictor, nuclei_boxes, dsb_nuclei, off_and_auto):
     boxes, ids = nuclei_boxes
     labels = dsb_nuclei[1]
     obj = labels == ids[0]
@@ -77,20 +84,21 @@ def test_points_multimask_and_mask_prompt(nuclei_predictor, nuclei_boxes, dsb_nu
     assert multi.masks.shape == (3, *labels.shape) and multi.scores.shape == (3,)
     best = multi.masks[np.argmax(multi.scores)]
     assert best[int(centre[0, 1]), int(centre[0, 0])]
-    # Refine with the box plus the previous logits as a mask prompt: stays on the nucleus.
-    refined = nuclei_predictor.predict(box=boxes[0], mask=multi.low_res_logits[np.argmax(multi.scores)], zoom="auto")
-    assert mask_iou(refined.masks[0], obj) > 0.6
+    # LiteMedSAM was trained on boxes only: a point is weak, but a box plus the previous
+    # low-res logits as mask prompt (SAM's iterative refinement) stays on the nuclei.
+    first = off_and_auto[0]
+    refined = nuclei_predictor.predict(box=boxes, mask=first.low_res_logits, zoom="auto")
+    assert not refined.zoomed.any()  # mask prompts live in the whole-image frame
+    assert np.mean([mask_iou(m, labels == i) for m, i in zip(refined.masks, ids)]) > 0.6
+    assert not np.array_equal(refined.low_res_logits, first.low_res_logits)  # the mask prompt is used
     with pytest.raises(InputError, match="cannot be zoomed"):
-        nuclei_predictor.predict(box=boxes[0], mask=multi.low_res_logits[0], zoom="on")
+        nuclei_predictor.predict(box=boxes[0], mask=first.low_res_logits[0], zoom="on")
 
 
-def test_low_res_logits_of_zoomed_objects_describe_the_same_mask(nuclei_predictor, nuclei_boxes):
-    boxes, _ = nuclei_boxes
-    auto = nuclei_predictor.predict(box=boxes[:3], zoom="on")
-    from biosam.prompting.preprocess import logits_to_image
-    import torch
-
-    back = logits_to_image(torch.from_numpy(auto.low_res_logits), nuclei_predictor._frame, "lite_medsam").numpy()[:, 0] > 0
+def test_low_res_logits_of_zoomed_objects_describe_the_same_mask(off_and_auto):
+    auto = off_and_auto[1]
+    frame = Frame.create(auto.masks.shape[-2:], 256, "lite_medsam")
+    back = logits_to_image(torch.from_numpy(auto.low_res_logits), frame, "lite_medsam").numpy()[:, 0] > 0
     for a, b in zip(auto.masks, back):
         assert mask_iou(a, b) > 0.6  # same object, at the coarser 256 px resolution
 

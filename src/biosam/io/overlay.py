@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from skimage.color import label2rgb
-from skimage.draw import disk, rectangle_perimeter
+from skimage.draw import disk
 from skimage.segmentation import find_boundaries
 
 from biosam.prompting.prompts import Prompt
@@ -31,8 +31,9 @@ def render_overlay(rgb: np.ndarray, labels: np.ndarray, prompts: list[Prompt] | 
     for prompt in prompts or []:
         if prompt.box is not None:
             x0, y0, x1, y1 = (int(round(v)) for v in prompt.box)
-            rr, cc = rectangle_perimeter((y0, x0), end=(y1 - 1, x1 - 1), shape=(h, w), clip=True)
-            out[rr, cc] = _BOX
+            x1, y1 = min(x1, w - 1), min(y1, h - 1)
+            out[[y0, y1], x0 : x1 + 1] = _BOX
+            out[y0 : y1 + 1, [x0, x1]] = _BOX
         if prompt.points is not None:
             for (x, y), label in zip(prompt.points, prompt.point_labels):
                 rr, cc = disk((y, x), radius, shape=(h, w))

@@ -98,7 +98,9 @@ class PromptEncoder(nn.Module):
                 f"and {tuple(labels.shape)}"
             )
         if labels.numel() and (labels.min() < -1 or labels.max() > 3):
-            raise ValueError("point labels must be 1 (fg), 0 (bg), -1 (padding) or 2/3 (box corners)")
+            raise ValueError(
+                "point labels must be 1 (fg), 0 (bg), -1 (padding) or 2/3 (box corners)"
+            )
         coords = coords + 0.5  # pixel centres
         labels = labels.long()
         if pad:
@@ -117,7 +119,8 @@ class PromptEncoder(nn.Module):
         return pe + corner_embed
 
     def _embed_masks(self, masks: torch.Tensor) -> torch.Tensor:
-        if masks.ndim != 4 or masks.shape[1] != 1 or tuple(masks.shape[-2:]) != self.mask_input_size:
+        expected = (1, *self.mask_input_size)
+        if masks.ndim != 4 or tuple(masks.shape[1:]) != expected:
             raise ValueError(
                 f"mask prompts must have shape (B, 1, {self.mask_input_size[0]}, "
                 f"{self.mask_input_size[1]}), got {tuple(masks.shape)}"
@@ -150,7 +153,8 @@ class PromptEncoder(nn.Module):
         weight = self.no_mask_embed.weight
         sparse = [weight.new_zeros(bs, 0, self.embed_dim)]
         if points is not None:
-            sparse.append(self._embed_points(points[0], points[1], pad=boxes is None).expand(bs, -1, -1))
+            point_embeddings = self._embed_points(points[0], points[1], pad=boxes is None)
+            sparse.append(point_embeddings.expand(bs, -1, -1))
         if boxes is not None:
             sparse.append(self._embed_boxes(boxes).expand(bs, -1, -1))
         sparse_embeddings = torch.cat(sparse, dim=1)

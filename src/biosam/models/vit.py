@@ -110,18 +110,27 @@ class Attention(nn.Module):
         if not self.use_rel_pos:
             return F.scaled_dot_product_attention(q, k, v)
         nb, heads, n, hd = q.shape
-        # Per-query scores against every key row / key column (unscaled queries, as in SAM).
+        # Per-query scores against every key row / key column (unscaled queries, as in SAM),
+        # made contiguous so that the broadcast sums below come out contiguous.
         grid_q = q.reshape(nb, heads, gh, gw, hd)
-        # Contiguous so that the broadcast sum below comes out contiguous (a free view).
         rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, _offset_table(self.rel_pos_h, gh))
         rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, _offset_table(self.rel_pos_w, gw))
         rel_h, rel_w = rel_h.contiguous(), rel_w.contiguous()
         rows_per_chunk = max(1, _MAX_BIAS_ELEMENTS // (nb * heads * gw * n))
         rows_per_chunk = math.ceil(gh / math.ceil(gh / rows_per_chunk))  # even chunks
+        # Without autograd the chunks share one bias buffer: filling fresh memory for every
+        # chunk costs more in page faults than the additions themselves.
+        reuse = rows_per_chunk < gh and not (rel_h.requires_grad or rel_w.requires_grad)
+        buffer = q.new_empty(nb * heads * rows_per_chunk * gw * n) if reuse else None
         outs = []
         for r0 in range(0, gh, rows_per_chunk):
             r1 = min(gh, r0 + rows_per_chunk)
-            bias = rel_h[:, :, r0:r1, :, :, None] + rel_w[:, :, r0:r1, :, None, :]
+            shape = (nb, heads, r1 - r0, gw, gh, gw)
+            h_term, w_term = rel_h[:, :, r0:r1, :, :, None], rel_w[:, :, r0:r1, :, None, :]
+            if buffer is None:
+                bias = h_term + w_term
+            else:
+                bias = torch.add(h_term, w_term, out=buffer[: math.prod(shape)].view(shape))
             bias = bias.reshape(nb, heads, (r1 - r0) * gw, n)
             outs.append(
                 F.scaled_dot_product_attention(q[:, :, r0 * gw : r1 * gw], k, v, attn_mask=bias)

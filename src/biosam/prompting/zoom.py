@@ -32,7 +32,7 @@ class ZoomSettings:
     """
 
     min_size: float = 32.0
-    context: float = 3.0
+    context: float = 5.0
     min_crop: int = 64
 
 

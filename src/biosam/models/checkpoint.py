@@ -1,0 +1,355 @@
+"""Reading SAM v1 checkpoints, recognising their architecture and loading them strictly.
+
+Handles the layouts in circulation: plain state dicts (Meta SAM, MedSAM, LiteMedSAM),
+dicts wrapping one under ``model`` / ``state_dict``, torch_em training files (micro-sam)
+with ``model_state`` and a ``sam.`` key prefix, and MobileSAM files that still carry the
+TinyViT classifier head. Anything that does not match exactly is an error, never a partial load.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import pickle
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from biosam.errors import BiosamError
+
+from .build import build_sam
+from .config import SamConfig, config_name
+from .sam import Sam
+
+__all__ = ["CheckpointError", "infer_config", "load_sam_checkpoint", "read_state_dict"]
+
+logger = logging.getLogger(__name__)
+
+# checked in this order; the first one holding a mapping is unwrapped
+_WRAPPER_KEYS = ("model_state", "model", "state_dict")
+# MobileSAM keeps TinyViT's ImageNet classifier, which SAM never uses
+_UNUSED_PREFIXES = ("image_encoder.head.", "image_encoder.norm_head.")
+_MAX_LISTED = 10
+_VIT_WINDOW = 14
+_VIT_PATCH = 16
+# TinyViT patch-embed kernel size -> (patch stride, input size giving a 64 x 64 embedding)
+_TINY_PATCH_KERNELS = {1: (1, 256), 3: (4, 1024)}
+
+
+class CheckpointError(BiosamError):
+    """A checkpoint that cannot be read or does not fit a SAM v1 architecture."""
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Tensors of a checkpoint file, unwrapped and with SAM v1 key names.
+
+    Only tensors and plain containers are unpickled (``weights_only=True``); other
+    Python objects make the file unreadable here rather than executing code from it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        obj = _load_weights_only(path)
+    except pickle.UnpicklingError as exc:
+        blocked = re.search(r"GLOBAL (\S+) whose module \S+ is blocked", str(exc))
+        if blocked is None:
+            raise CheckpointError(f"{path}: not a SAM v1 checkpoint: torch.load cannot read it ({_first_line(exc)})") from exc
+        raise CheckpointError(
+            f"{path}: refused: the file asks to call {blocked.group(1)}, which a checkpoint has no reason to do "
+            "and which could run commands on this computer. Do not load this file; get the checkpoint from its publisher."
+        ) from exc
+    except Exception as exc:  # torch.load raises many types for foreign files (zip, EOF, key, runtime)
+        raise CheckpointError(
+            f"{path}: not a SAM v1 checkpoint: torch.load cannot read it ({type(exc).__name__}: {_first_line(exc)})"
+        ) from exc
+
+    state = obj
+    if isinstance(state, Mapping):
+        for wrapper in _WRAPPER_KEYS:
+            inner = state.get(wrapper)
+            if isinstance(inner, Mapping):
+                state = inner
+                if wrapper == "model_state":
+                    # torch_em trains a wrapper module whose SAM sits in attribute ``sam``
+                    state = {_strip(key, "sam."): value for key, value in state.items()}
+                break
+    _check_tensor_mapping(path, state)
+    state = dict(state)
+    if state and all(key.startswith("module.") for key in state):
+        # saved from a DataParallel / DistributedDataParallel wrapper
+        state = {key[len("module.") :]: value for key, value in state.items()}
+    dropped = [key for key in state if key.startswith(_UNUSED_PREFIXES)]
+    for key in dropped:
+        del state[key]
+    if dropped:
+        logger.debug("%s: ignoring unused classifier-head tensors %s", path, dropped)
+    return state
+
+
+_MAX_OPAQUE_GLOBALS = 200
+
+
+def _opaque_class(full_name: str) -> type:
+    """A stand-in for a pickled Python class or function that must not be imported.
+
+    Training files (torch_em / micro-sam) pickle data loaders, transforms and configs next to
+    the weights. The stand-in absorbs whatever the pickle passes to it, so the file loads
+    without importing or running any of that code; only the tensors are used.
+    """
+    module, _, name = full_name.rpartition(".")
+
+    def _absorb(self, *args, **kwargs) -> None:
+        self.pickled_args = (args, kwargs)
+
+    def _new(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def _setstate(self, state) -> None:
+        self.pickled_state = state
+
+    return type(
+        name,
+        (),
+        {"__module__": module, "__qualname__": name, "__new__": _new, "__init__": _absorb,
+         "__setstate__": _setstate, "__call__": _absorb},
+    )
+
+
+def _load_weights_only(path: Path) -> object:
+    """``torch.load(weights_only=True)``, with unknown pickled globals replaced by inert stand-ins."""
+    opaque: list[type] = []
+    while True:
+        try:
+            with torch.serialization.safe_globals(opaque):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            blocked = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+            if blocked is None or len(opaque) >= _MAX_OPAQUE_GLOBALS:
+                raise
+            name = blocked.group(1)
+            if any(f"{c.__module__}.{c.__qualname__}" == name for c in opaque):
+                raise  # a stand-in cannot satisfy how the file uses this global
+            logger.debug("%s: not unpickling %s (kept as an inert placeholder)", path, name)
+            opaque.append(_opaque_class(name))
+
+
+def infer_config(state_dict: Mapping[str, Tensor]) -> SamConfig:
+    """Architecture of a SAM v1 state dict, read from tensor shapes alone."""
+    if "image_encoder.patch_embed.proj.weight" in state_dict:
+        infer = _infer_vit
+    elif "image_encoder.patch_embed.seq.0.c.weight" in state_dict:
+        infer = _infer_tiny_vit
+    elif any(key.startswith(("image_encoder.trunk.", "sam_mask_decoder.")) for key in state_dict):
+        raise CheckpointError(
+            "this looks like a SAM 2 checkpoint (image_encoder.trunk.* / sam_mask_decoder.* keys), "
+            "which is not supported yet; expected a SAM v1 state dict"
+        )
+    else:
+        raise CheckpointError(
+            "not a SAM v1 checkpoint: expected an image encoder key 'image_encoder.patch_embed.proj.weight' "
+            f"(ViT) or 'image_encoder.patch_embed.seq.0.c.weight' (TinyViT); found keys {_listing(list(state_dict))}"
+        )
+    for key in ("prompt_encoder.pe_layer.positional_encoding_gaussian_matrix", "mask_decoder.iou_token.weight"):
+        if key not in state_dict:
+            raise CheckpointError(
+                f"not a complete SAM v1 checkpoint: it has an image encoder but no '{key}' "
+                "(prompt encoder and mask decoder weights are needed too)"
+            )
+    return infer(state_dict)
+
+
+def load_sam_checkpoint(path: str | os.PathLike, config: SamConfig | None = None) -> Sam:
+    """Build the model for a checkpoint and load every tensor (eval mode, CPU).
+
+    ``config`` defaults to the architecture inferred from the file. Missing, unexpected or
+    mis-shaped tensors raise :class:`CheckpointError` listing them.
+    """
+    path = Path(path)
+    state = read_state_dict(path)
+    if config is None:
+        try:
+            config = infer_config(state)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
+    model = build_sam(config)
+    expected = model.state_dict()
+    for key in expected:
+        # BatchNorm's update counter is not a weight; files exported without it are fine
+        if key.endswith(".num_batches_tracked") and key not in state:
+            state[key] = torch.zeros((), dtype=torch.long)
+    problems = _compare(expected, state)
+    if problems:
+        lines = [f"{path}: checkpoint does not match the {_describe(config)} architecture:", *problems]
+        lines.extend(_architecture_hint(state, config))
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(state, strict=True)
+    logger.info("loaded %s as %s", path, _describe(config))
+    return model.eval()
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _strip(key: str, prefix: str) -> str:
+    return key[len(prefix) :] if key.startswith(prefix) else key
+
+
+def _check_tensor_mapping(path: Path, state: object) -> None:
+    expected = "expected a state dict mapping parameter names to tensors"
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{path}: not a SAM v1 checkpoint: {expected}, found {type(state).__name__}")
+    if not state:
+        raise CheckpointError(f"{path}: not a SAM v1 checkpoint: {expected}, found an empty mapping")
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, Tensor):
+            raise CheckpointError(
+                f"{path}: not a SAM v1 checkpoint: {expected}, found entry {key!r} of type {type(value).__name__} "
+                f"(top-level keys: {_listing([str(k) for k in state])})"
+            )
+
+
+def _shape(state: Mapping[str, Tensor], key: str) -> tuple[int, ...]:
+    if key not in state:
+        raise CheckpointError(f"not a SAM v1 checkpoint: tensor '{key}' is missing")
+    return tuple(state[key].shape)
+
+
+def _indices(state: Mapping[str, Tensor], prefix: str) -> list[int]:
+    """Sorted distinct integers ``i`` of keys ``prefix{i}.``; must be 0..n-1."""
+    found = set()
+    for key in state:
+        if key.startswith(prefix):
+            head = key[len(prefix) :].split(".", 1)[0]
+            if head.isdigit():
+                found.add(int(head))
+    indices = sorted(found)
+    if indices != list(range(len(indices))):
+        raise CheckpointError(f"not a SAM v1 checkpoint: '{prefix}*' indices are not contiguous: {indices}")
+    return indices
+
+
+def _infer_vit(state: Mapping[str, Tensor]) -> SamConfig:
+    patch = _shape(state, "image_encoder.patch_embed.proj.weight")  # (D, 3, 16, 16)
+    if len(patch) != 4 or patch[2:] != (_VIT_PATCH, _VIT_PATCH):
+        raise CheckpointError(f"unsupported ViT patch embedding of shape {patch}: expected (D, 3, 16, 16)")
+    embed_dim = patch[0]
+    grid = _shape(state, "image_encoder.pos_embed")[1]  # (1, grid, grid, D)
+    blocks = _indices(state, "image_encoder.blocks.")
+    if not blocks:
+        raise CheckpointError("not a SAM v1 checkpoint: no 'image_encoder.blocks.*' tensors")
+    head_dim = _shape(state, "image_encoder.blocks.0.attn.rel_pos_h")[1]  # (2 * extent - 1, head_dim)
+    if embed_dim % head_dim:
+        raise CheckpointError(f"ViT width {embed_dim} is not a multiple of the head width {head_dim} (from rel_pos_h)")
+    global_blocks = []
+    for i in blocks:
+        length = _shape(state, f"image_encoder.blocks.{i}.attn.rel_pos_h")[0]
+        if length == 2 * grid - 1:
+            global_blocks.append(i)
+        elif length != 2 * _VIT_WINDOW - 1:
+            raise CheckpointError(
+                f"image_encoder.blocks.{i}.attn.rel_pos_h has {length} rows: expected {2 * _VIT_WINDOW - 1} "
+                f"({_VIT_WINDOW}x{_VIT_WINDOW} windows) or {2 * grid - 1} (global attention on the {grid}x{grid} grid)"
+            )
+    return SamConfig(
+        encoder="vit",
+        image_size=grid * _VIT_PATCH,
+        embed_dim=embed_dim,
+        depth=len(blocks),
+        num_heads=embed_dim // head_dim,
+        global_attn_indexes=tuple(global_blocks),
+        prompt_embed_dim=_shape(state, "mask_decoder.iou_token.weight")[-1],
+    )
+
+
+def _infer_tiny_vit(state: Mapping[str, Tensor]) -> SamConfig:
+    kernel = _shape(state, "image_encoder.patch_embed.seq.0.c.weight")[-1]
+    if kernel not in _TINY_PATCH_KERNELS:
+        raise CheckpointError(
+            f"unsupported TinyViT patch embedding kernel {kernel}: expected 1 (LiteMedSAM) or 3 (MobileSAM)"
+        )
+    patch_stride, image_size = _TINY_PATCH_KERNELS[kernel]
+    layers = _indices(state, "image_encoder.layers.")
+    if len(layers) < 2:
+        raise CheckpointError(f"TinyViT needs at least 2 stages, found {len(layers)}")
+    dims = [_shape(state, "image_encoder.patch_embed.seq.2.c.weight")[0]]
+    depths = [len(_indices(state, "image_encoder.layers.0.blocks."))]
+    heads = [0]
+    windows = [0]
+    for i in layers[1:]:
+        prefix = f"image_encoder.layers.{i}.blocks."
+        depths.append(len(_indices(state, prefix)))
+        dims.append(_shape(state, prefix + "0.attn.norm.weight")[0])
+        num_heads, offsets = _shape(state, prefix + "0.attn.attention_biases")  # (heads, window ** 2)
+        window = math.isqrt(offsets)
+        if window * window != offsets:
+            raise CheckpointError(f"{prefix}0.attn.attention_biases has {offsets} columns, not a square window")
+        heads.append(num_heads)
+        windows.append(window)
+    # the convolutional first stage has no attention; fill its entries the way the published
+    # TinyViT configs do (same head width as stage 1, same window as stage 1)
+    heads[0] = max(1, dims[0] // (dims[1] // heads[1]))
+    windows[0] = windows[1]
+    return SamConfig(
+        encoder="tiny_vit",
+        image_size=image_size,
+        embed_dims=tuple(dims),
+        depths=tuple(depths),
+        tiny_num_heads=tuple(heads),
+        window_sizes=tuple(windows),
+        patch_stride=patch_stride,
+        prompt_embed_dim=_shape(state, "mask_decoder.iou_token.weight")[-1],
+    )
+
+
+def _compare(expected: Mapping[str, Tensor], found: Mapping[str, Tensor]) -> list[str]:
+    """Human-readable differences in keys and shapes (empty when they match)."""
+    mismatched = [
+        f"  {key}: expected shape {tuple(tensor.shape)}, found {tuple(found[key].shape)}"
+        for key, tensor in expected.items()
+        if key in found and found[key].shape != tensor.shape
+    ]
+    missing = [key for key in expected if key not in found]
+    unexpected = [key for key in found if key not in expected]
+    lines = []
+    if mismatched:
+        lines.append(f"  {len(mismatched)} tensor(s) with a different shape:")
+        lines.extend(mismatched[:_MAX_LISTED])
+        if len(mismatched) > _MAX_LISTED:
+            lines.append(f"  ... and {len(mismatched) - _MAX_LISTED} more")
+    if missing:
+        lines.append(f"  missing keys ({len(missing)}): {_listing(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
+    return lines
+
+
+def _architecture_hint(state: Mapping[str, Tensor], config: SamConfig) -> list[str]:
+    """Name the architecture the file does have, when that can be told."""
+    try:
+        actual = infer_config(state)
+    except CheckpointError:
+        return []
+    if actual == config:
+        return []
+    return [f"  the file looks like a {_describe(actual)} checkpoint"]
+
+
+def _describe(config: SamConfig) -> str:
+    name = config_name(config)
+    if config.encoder == "vit":
+        shape = f"ViT {config.embed_dim}x{config.depth}, {config.image_size} px"
+    else:
+        shape = f"TinyViT {config.embed_dims}, patch stride {config.patch_stride}, {config.image_size} px"
+    return f"'{name}' ({shape})" if name else f"custom ({shape})"
+
+
+def _listing(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_MAX_LISTED])
+    return shown + (f", ... ({len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else "")

@@ -1,0 +1,71 @@
+"""Sam container: image encoder + prompt encoder + mask decoder."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .mask_decoder import MaskDecoder
+from .prompt_encoder import PromptEncoder
+
+if TYPE_CHECKING:
+    from .config import SamConfig
+
+
+class Sam(nn.Module):
+    """A SAM v1 model working on preprocessed model-input tensors.
+
+    Pixel normalisation, resizing and padding live in `biosam.prompting`; coordinates given
+    to `decode` are pixels of the padded `image_size` x `image_size` model input.
+    """
+
+    def __init__(
+        self,
+        image_encoder: nn.Module,
+        prompt_encoder: PromptEncoder,
+        mask_decoder: MaskDecoder,
+        config: SamConfig,
+    ) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.config = config
+
+    @property
+    def image_size(self) -> int:
+        """Side length of the square model input."""
+        return self.config.image_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.prompt_encoder.no_mask_embed.weight.device
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised, padded images (B, 3, S, S) -> image embeddings (B, 256, h, w)."""
+        return self.image_encoder(images)
+
+    def decode(
+        self,
+        image_embedding: torch.Tensor,
+        point_coords: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+        boxes: torch.Tensor | None = None,
+        mask_inputs: torch.Tensor | None = None,
+        multimask: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predict masks for B prompts on one (batch-1) or B image embeddings.
+
+        point_coords (B, K, 2) as (x, y) with point_labels (B, K); boxes (B, 4) as
+        (x0, y0, x1, y1); mask_inputs (B, 1, 4h, 4w) low-res logits of an earlier call.
+        Returns low-res logits (B, C, 4h, 4w) and IoU predictions (B, C), C = 3 if multimask.
+        """
+        if (point_coords is None) != (point_labels is None):
+            raise ValueError("point_coords and point_labels must be given together")
+        points = None if point_coords is None else (point_coords, point_labels)
+        sparse, dense = self.prompt_encoder(points, boxes, mask_inputs)
+        return self.mask_decoder(
+            image_embedding, self.prompt_encoder.get_dense_pe(), sparse, dense, multimask
+        )
