@@ -248,7 +248,7 @@ class Predictor:
                 raise InputError("mask prompts refer to the whole image and cannot be zoomed; use zoom='auto' or 'off'.")
             zoom = "off"
         extents = np.stack([p.extent() for p in prompts]) if prompts else np.zeros((0, 4))
-        if zoom == "on":
+        if zoom == "on" and prompts:
             extents = np.stack([_points_extent(p, frame.image_shape) if p.box is None else p.box for p in prompts])
         crops, whole = plan_crops(extents, frame.image_shape, zoom, self.zoom_settings)
 

@@ -31,7 +31,7 @@ class ZoomSettings:
     ``min_crop``: smallest crop side in image pixels (limits upsampling of tiny crops).
     """
 
-    min_size: float = 32.0
+    min_size: float = 20.0
     context: float = 5.0
     min_crop: int = 64
 
