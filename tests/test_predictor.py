@@ -149,7 +149,7 @@ def test_any_dtype_and_layout_segments_the_same_object(lite_medsam, dsb_nuclei, 
     box, i = nuclei_boxes[0][0], nuclei_boxes[1][0]
     predictor = biosam.Predictor(lite_medsam)
     masks = []
-    eight_bit = (biosam.prompting.preprocess.normalize_intensity(image)).astype(np.uint8)
+    eight_bit = (biosam.prompting.intensity.normalize_intensity(image)).astype(np.uint8)
     for variant in (image, image.astype(np.float32) * 3.5 - 10, eight_bit, np.moveaxis(eight_bit, -1, 0)):
         predictor.set_image(variant)
         masks.append(predictor.predict(box=box).masks[0])

@@ -8,7 +8,8 @@ import torch
 
 from biosam.errors import InputError
 from biosam.prompting import Prompt, read_prompts
-from biosam.prompting.preprocess import Frame, logits_to_image, model_input, normalize_intensity
+from biosam.prompting.intensity import normalize_intensity
+from biosam.prompting.preprocess import Frame, logits_to_image, model_input
 
 
 def test_uint8_gray_is_used_unchanged_as_rgb():

@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 
 import click
+import numpy as np
 
 from biosam.errors import BiosamError
 from biosam.models import CheckpointError
+from biosam.prompting.intensity import INTENSITY_PRESETS
 from biosam.zoo.errors import ZooError
 
 logger = logging.getLogger("biosam")
@@ -67,75 +69,117 @@ def _cli_prompts(boxes: tuple[str, ...], points: tuple[str, ...], prompts_file: 
     return [Prompt(box=box_list[0], points=pts, point_labels=labels)] if pts else [Prompt(box=b) for b in box_list]
 
 
+def _slices(prompts, meta, z: int | None) -> dict[int | None, list[int]]:
+    """Group object indices by the slice they are on (``None`` for data without a Z axis)."""
+    volume = "Z" in meta.axes and meta.shape[meta.axes.index("Z")] > 1
+    groups: dict[int | None, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        if not volume and prompt.z not in (None, 0):
+            raise click.UsageError(f"{meta.path} has no slices, but object {i} has \"z\": {prompt.z}.")
+        groups.setdefault((prompt.z if prompt.z is not None else z) if volume else None, []).append(i)
+    return dict(sorted(groups.items(), key=lambda kv: -1 if kv[0] is None else kv[0]))
+
+
 @main.command()
-@click.argument("image", type=click.Path(path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Label image to write (.tif or .png).")
+@click.argument("image", type=str)
+@click.option("-o", "--output", required=True, type=str,
+              help="Label image to write; the format follows the extension (.tif, .ome.tif, .png, .mrc, .nii.gz, .zarr, copick://).")
 @click.option("--model", default="lite_medsam", show_default=True, help="Zoo name (see `biosam models`) or checkpoint path.")
 @click.option("--box", "boxes", multiple=True, metavar="x0,y0,x1,y1", help="A box prompt; repeat for several objects.")
 @click.option("--point", "points", multiple=True, metavar="x,y[,label]",
               help="A point (label 1 object, 0 background); all points describe one object.")
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path),
-              help='JSON list of objects: [{"box": [x0,y0,x1,y1], "points": [[x,y,label], ...]}, ...].')
+              help='JSON list of objects: [{"box": [x0,y0,x1,y1], "points": [[x,y,label], ...], "z": slice}, ...].')
 @click.option("--zoom", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="Segment small objects in a zoomed crop (auto), always, or never (as the model's authors run it).")
 @click.option("--multimask", is_flag=True, help="Predict 3 masks per object and keep the best-scored one.")
+@click.option("--intensity", type=click.Choice(INTENSITY_PRESETS), default="auto", show_default=True,
+              help="Intensity normalisation: auto = uint8 as is, else percentile 1-99.8; ct-* are HU windows.")
+@click.option("--z", type=int, default=None, help="Slice of a volume to segment (objects in --prompts may give their own \"z\").")
+@click.option("--t", type=int, default=None, help="Time point of a time series.")
+@click.option("--channel", type=int, default=None, help="Segment this channel alone (default: RGB, or a composite of all channels).")
+@click.option("--axes", default=None, help="Axis letters of a TIFF or Zarr array when its metadata do not say (e.g. ZYX, YXC).")
+@click.option("--level", type=int, default=None, help="Resolution level of an OME-Zarr image (0 = full resolution).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda if available, else cpu.")
 @click.option("--preprocessing", type=click.Choice(["sam", "medsam", "lite_medsam"]), default=None,
               help="Override the preprocessing of a checkpoint file that is not in the zoo.")
 @click.option("--overlay", type=click.Path(path_type=Path), help="Also write a picture of the result (.png).")
 @click.option("--json", "as_json", is_flag=True, help="Print per-object score and area as JSON.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
-def segment(image, output, model, boxes, points, prompts_file, zoom, multimask, device, preprocessing, overlay,
-            as_json, overwrite) -> None:
-    """Segment the objects given by box/point prompts in a 2D IMAGE (TIFF, PNG, JPEG).
+def segment(image, output, model, boxes, points, prompts_file, zoom, multimask, intensity, z, t, channel, axes, level,
+            device, preprocessing, overlay, as_json, overwrite) -> None:
+    """Segment the objects given by box/point prompts in IMAGE.
 
-    OUTPUT gets label k for the k-th object (prompt order; later objects are
-    drawn over earlier ones). Coordinates are pixels of IMAGE, x to the right
-    and y down.
+    IMAGE is a TIFF/OME-TIFF, PNG, JPEG, MRC, NIfTI, DICOM file or series
+    folder, Zarr/OME-Zarr, or copick://config.json?run=...; for volumes choose
+    the slice with --z or give "z" per object. OUTPUT gets label k for the k-th
+    object (prompt order; later objects drawn over earlier ones) in IMAGE's
+    geometry. Coordinates are pixels of the slice, x to the right and y down.
     """
+    from tqdm.auto import tqdm
+
     from biosam import Predictor, load_model
-    from biosam.io import LABEL_SUFFIXES, read_image, write_image, write_labels
-    from biosam.io.images import check_output_path
+    from biosam.io import check_labels_output, open_labels, plane_index, read_image, read_plane, write_image
+    from biosam.io.files import check_output_path
+    from biosam.io.meta import label_dtype
     from biosam.io.overlay import render_overlay
 
     prompts = _cli_prompts(boxes, points, prompts_file)
-    check_output_path(output, LABEL_SUFFIXES, overwrite)
     if overlay is not None:
         check_output_path(overlay, (".png",), overwrite)
-        if overlay.resolve() == output.resolve():
+        if overlay.resolve() == Path(output).resolve():
             raise click.UsageError("--overlay and -o must be different files.")
-    pixels = read_image(image)
-    net = load_model(model, device=device, preprocessing=preprocessing)
-    predictor = Predictor(net)
-    try:
-        predictor.set_image(pixels)
-        result = predictor.predict_prompts(prompts, multimask=multimask, zoom=zoom, progress=True)
-    except BiosamError as exc:
-        raise BiosamError(f"{image}: {exc}") from exc
-    labels = result.to_labels()
-    picture = render_overlay(predictor._rgb, labels, [p.validate(labels.shape) for p in prompts]) if overlay else None
-
-    write_labels(output, labels, overwrite=overwrite)
+    data, meta = read_image(image, axes=axes, level=level)
+    groups = _slices(prompts, meta, z)
+    check_labels_output(output, meta, overwrite)
+    for zz in groups:  # refuse bad --z/--t/--channel before the model loads
+        plane_index(meta, zz, t, channel)
+    predictor = Predictor(load_model(model, device=device, preprocessing=preprocessing))
+    labels_meta = meta.labels_meta()
+    objects: list[dict] = [{} for _ in prompts]
+    picture = None
+    with open_labels(output, meta, label_dtype(len(prompts)), overwrite=overwrite) as out:
+        for zz, members in tqdm(groups.items(), desc="slices", disable=len(groups) < 2):
+            try:
+                predictor.set_image(read_plane(data, meta, zz, t, channel), intensity=intensity)
+                result = predictor.predict_prompts([prompts[i] for i in members], multimask=multimask, zoom=zoom,
+                                                   progress=True)
+            except BiosamError as exc:
+                raise BiosamError(f"{image}{'' if zz is None else f' (slice z={zz})'}: {exc}") from exc
+            lut = np.array([0, *[i + 1 for i in members]], dtype=out.dtype)
+            plane = lut[result.to_labels()]
+            out[plane_index(labels_meta, zz, t)] = plane
+            best = result.scores.argmax(axis=1)
+            for k, i in enumerate(members):
+                objects[i] = {"label": i + 1, "z": zz, "score": round(float(result.scores[k, best[k]]), 4),
+                              "area": int(result.masks[k, best[k]].sum()), "visible_area": int((plane == i + 1).sum()),
+                              "zoomed": bool(result.zoomed[k])}
+            if overlay is not None and picture is None:  # the first segmented slice
+                shown = [prompts[i].validate(plane.shape) for i in members]
+                picture = render_overlay(predictor.image_rgb, plane, shown)
     if picture is not None:
         try:
             write_image(overlay, picture, overwrite=overwrite)
         except BaseException:
-            output.unlink(missing_ok=True)  # all outputs or none
+            if not str(output).startswith("copick://"):
+                _remove(Path(output))  # all outputs or none
             raise
     if as_json:
-        best = result.scores.argmax(axis=1)
-        objects = [
-            {
-                "label": k + 1,
-                "score": round(float(result.scores[k, best[k]]), 4),
-                "area": int(result.masks[k, best[k]].sum()),
-                "visible_area": int((labels == k + 1).sum()),
-                "zoomed": bool(result.zoomed[k]),
-            }
-            for k in range(len(prompts))
-        ]
-        click.echo(json.dumps({"image": str(image), "model": net.info.name, "output": str(output),
+        if all(o["z"] is None for o in objects):
+            for o in objects:
+                del o["z"]
+        click.echo(json.dumps({"image": str(image), "input": meta.summary(), "model": predictor.info.name,
+                               "intensity": predictor.intensity, "output": str(output),
                                "overlay": str(overlay) if overlay else None, "objects": objects}, indent=2))
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 @main.group(cls=_Group, invoke_without_command=True)

@@ -15,14 +15,8 @@ import xxhash
 from tqdm.auto import tqdm
 
 from biosam.errors import EmbeddingMismatchError, InputError
-from biosam.prompting.preprocess import (
-    PERCENTILES,
-    Frame,
-    crop_to_low_res,
-    logits_to_image,
-    model_input,
-    normalize_intensity,
-)
+from biosam.prompting.intensity import PERCENTILES, normalize_intensity, resolve_preset
+from biosam.prompting.preprocess import Frame, crop_to_low_res, logits_to_image, model_input
 from biosam.prompting.prompts import Prompt
 from biosam.prompting.zoom import ZoomSettings, plan_crops
 
@@ -92,6 +86,7 @@ class Predictor:
         self._rgb: np.ndarray | None = None
         self._frame: Frame | None = None
         self._embedding: torch.Tensor | None = None
+        self.intensity: str | None = None
 
     @property
     def device(self) -> torch.device:
@@ -102,9 +97,10 @@ class Predictor:
         return self.model.image_size
 
     # ---------------------------------------------------------------- image
-    def _prepare(self, image: np.ndarray) -> None:
+    def _prepare(self, image: np.ndarray, intensity: str) -> None:
         image = np.asarray(image)
-        self._rgb = normalize_intensity(image)
+        self._rgb = normalize_intensity(image, intensity)
+        self.intensity = resolve_preset(intensity, image.dtype)
         self._image = image
         self._frame = Frame.create(self._rgb.shape[:2], self.input_size, self.info.preprocessing)
         self._embedding = None
@@ -114,10 +110,21 @@ class Predictor:
         x = model_input(rgb, frame, self.info.preprocessing).to(self.device)
         return self.model.embed(x)
 
-    def set_image(self, image: np.ndarray) -> None:
-        """Normalise and embed a 2D image (grayscale, RGB or multichannel; any dtype)."""
-        self._prepare(image)
+    def set_image(self, image: np.ndarray, intensity: str = "auto") -> None:
+        """Normalise and embed a 2D image (grayscale, RGB or multichannel; any dtype).
+
+        ``intensity`` is a preset of :mod:`biosam.prompting.intensity` (``auto``,
+        ``percentile``, ``minmax``, ``none``, ``ct-soft-tissue``, ``ct-lung``,
+        ``ct-bone``, ``ct-brain``); the one used is kept in :attr:`intensity`.
+        """
+        self._prepare(image, intensity)
         self._embedding = self._embed(self._rgb, self._frame)
+
+    @property
+    def image_rgb(self) -> np.ndarray:
+        """The current image after intensity normalisation: ``(H, W, 3)`` float32 in [0, 255]."""
+        self._require_image()
+        return self._rgb
 
     @property
     def image_shape(self) -> tuple[int, int]:
@@ -139,13 +146,14 @@ class Predictor:
             "image_shape": list(self._image.shape),
             "image_dtype": self._image.dtype.str,
             "preprocessing": self.info.preprocessing,
+            "intensity": self.intensity,
             "intensity_percentiles": list(PERCENTILES),
             "input_size": self.input_size,
         }
 
     def save_embedding(self, path: str | os.PathLike) -> Path:
         """Save the current image embedding with its signature (``.npz``)."""
-        from biosam.io.images import atomic_path
+        from biosam.io.files import atomic_path
 
         self._require_image()
         path = Path(path)
@@ -154,7 +162,7 @@ class Predictor:
                 np.savez(fh, embedding=self._embedding.float().cpu().numpy(), signature=json.dumps(self.signature()))
         return path
 
-    def load_embedding(self, path: str | os.PathLike, image: np.ndarray) -> None:
+    def load_embedding(self, path: str | os.PathLike, image: np.ndarray, intensity: str = "auto") -> None:
         """Restore an embedding saved by :meth:`save_embedding` for ``image``.
 
         Raises :class:`EmbeddingMismatchError` naming the first difference if the
@@ -169,7 +177,7 @@ class Predictor:
             raise InputError(f"{path}: embedding file not found.") from None
         except (OSError, ValueError, KeyError) as exc:
             raise InputError(f"{path}: not a biosam embedding file ({exc}).") from exc
-        self._prepare(image)
+        self._prepare(image, intensity)
         current = self.signature()
         for key, value in current.items():
             if saved.get(key) != value:

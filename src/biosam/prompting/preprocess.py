@@ -3,13 +3,8 @@
 Two steps, kept apart so that a crop of an image is preprocessed exactly like
 the whole image:
 
-1. :func:`normalize_intensity` maps any 2D image (grayscale, RGB, multichannel;
-   any dtype) to an RGB float array in [0, 255]. ``uint8`` data is used as is.
-   Other dtypes are clipped to their 1st and 99.8th percentile and scaled to
-   [0, 255] (one pair of percentiles for all channels, so colours keep their
-   balance). An image with 2 or more than 4 channels (or 4 non-uint8 channels)
-   becomes a grayscale composite: the mean of its channels, each scaled by its
-   own percentiles. ``bool`` images map to 0 and 255.
+1. :func:`biosam.prompting.intensity.normalize_intensity` maps any 2D image
+   (grayscale, RGB, multichannel; any dtype) to an RGB float array in [0, 255].
 2. :func:`model_input` applies the preprocessing each model family was trained
    with (see ``MODEL_ZOO.md``):
 
@@ -38,9 +33,7 @@ from biosam.errors import InputError
 PREPROCESSINGS = ("sam", "medsam", "lite_medsam")
 _SAM_MEAN = (123.675, 116.28, 103.53)
 _SAM_STD = (58.395, 57.12, 57.375)
-PERCENTILES = (1.0, 99.8)
 LOW_RES = 256  # side of the mask decoder's logits for every SAM v1 model
-_MAX_PERCENTILE_SAMPLES = 4_000_000
 
 
 @dataclass(frozen=True)
@@ -75,61 +68,6 @@ class Frame:
         sx, sy = self.scale_xy
         factors = np.array([sx, sy] * (coords.shape[-1] // 2))
         return coords * factors
-
-
-def _channels_last(image: np.ndarray) -> np.ndarray:
-    if image.ndim == 2:
-        return image[..., None]
-    if image.ndim == 3:
-        if image.shape[-1] <= 4:
-            return image
-        if image.shape[0] <= 4:
-            return np.moveaxis(image, 0, -1)
-        raise InputError(
-            f"image of shape {image.shape} looks like a stack of {image.shape[0]} slices, not a 2D image; "
-            "select one slice (or channel) first."
-        )
-    raise InputError(f"expected a 2D image (H, W) or (H, W, C), got an array of shape {image.shape}.")
-
-
-def _percentile_scale(data: np.ndarray) -> np.ndarray:
-    flat = data.reshape(-1)
-    step = max(1, flat.size // _MAX_PERCENTILE_SAMPLES)  # percentiles of a sample are plenty
-    lo, hi = np.percentile(flat[::step], PERCENTILES)
-    if hi <= lo:
-        lo, hi = float(flat.min()), float(flat.max())
-    if hi <= lo:
-        return np.zeros(data.shape, dtype=np.float32)
-    out = (data.astype(np.float32) - np.float32(lo)) * np.float32(255.0 / (hi - lo))
-    return np.clip(out, 0.0, 255.0, out=out)
-
-
-def normalize_intensity(image: np.ndarray) -> np.ndarray:
-    """Map a 2D image of any dtype and channel layout to RGB float32 in [0, 255].
-
-    See the module docstring for the rules. Raises :class:`InputError` for
-    NaN/inf values, unsupported dtypes or shapes.
-    """
-    image = np.asarray(image)
-    if image.dtype == bool:
-        image = image.astype(np.uint8) * 255
-    if not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
-        raise InputError(f"unsupported pixel type {image.dtype}; expected integer or floating-point pixels.")
-    image = _channels_last(image)
-    if image.shape[0] < 2 or image.shape[1] < 2:
-        raise InputError(f"image of shape {image.shape[:2]} is too small to segment.")
-    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
-        raise InputError("image contains NaN or infinite values; replace them (e.g. with 0) before segmenting.")
-    channels = image.shape[-1]
-    is_uint8 = image.dtype == np.uint8
-    if channels == 1:
-        rgb = image.astype(np.float32) if is_uint8 else _percentile_scale(image)
-        return np.repeat(rgb, 3, axis=-1)
-    if channels == 3 or (channels == 4 and is_uint8):
-        rgb = image[..., :3]
-        return rgb.astype(np.float32) if is_uint8 else _percentile_scale(rgb)
-    composite = np.mean([_percentile_scale(image[..., c]) for c in range(channels)], axis=0)
-    return np.repeat(composite[..., None], 3, axis=-1).astype(np.float32)
 
 
 def _minmax(x: torch.Tensor) -> torch.Tensor:

@@ -20,13 +20,15 @@ class Prompt:
     ``box`` is ``(x0, y0, x1, y1)``; ``points`` is ``(K, 2)`` (x, y) with
     ``point_labels`` 1 (object) or 0 (background), all 1 when omitted; ``mask``
     is a ``(256, 256)`` low-resolution logit map as returned by a previous
-    prediction.
+    prediction. ``z`` is the slice the object is on, for volumes (the 2D
+    predictor ignores it).
     """
 
     box: np.ndarray | None = None
     points: np.ndarray | None = None
     point_labels: np.ndarray | None = None
     mask: np.ndarray | None = None
+    z: int | None = None
 
     def validate(self, image_shape: tuple[int, int]) -> Prompt:
         """Return a checked copy with float arrays; raise :class:`InputError` for unusable prompts."""
@@ -62,7 +64,7 @@ class Prompt:
             mask = mask.reshape(LOW_RES, LOW_RES)
         if box is None and points is None and mask is None:
             raise InputError("an object needs at least a box, a point or a mask prompt.")
-        return Prompt(box, points, labels, mask)
+        return Prompt(box, points, labels, mask, self.z)
 
     def extent(self) -> np.ndarray:
         """The object's extent ``(x0, y0, x1, y1)`` if known from a box, else NaNs."""
@@ -82,9 +84,10 @@ def _as_float(value, what: str) -> np.ndarray:
 
 
 def read_prompts(path: str | os.PathLike) -> list[Prompt]:
-    """Read ``[{"box": [x0, y0, x1, y1], "points": [[x, y, label], ...]}, ...]`` from a JSON file.
+    """Read ``[{"box": [x0, y0, x1, y1], "points": [[x, y, label], ...], "z": 12}, ...]`` from a JSON file.
 
-    Either key may be omitted; a point without a label is a foreground point.
+    ``box`` or ``points`` may be omitted (not both); a point without a label is a
+    foreground point; ``z`` (a slice index, for volumes) is optional.
     """
     path = Path(path)
     try:
@@ -97,8 +100,13 @@ def read_prompts(path: str | os.PathLike) -> list[Prompt]:
         raise InputError(f"{path}: expected a non-empty JSON list of objects like {{\"box\": [x0, y0, x1, y1]}}.")
     prompts = []
     for i, obj in enumerate(data):
-        if not isinstance(obj, dict) or not ({"box", "points"} & obj.keys()) or (obj.keys() - {"box", "points"}):
-            raise InputError(f"{path}: object {i} must have a 'box' and/or 'points' key and nothing else, got {obj!r}.")
+        if not isinstance(obj, dict) or not ({"box", "points"} & obj.keys()) or (obj.keys() - {"box", "points", "z"}):
+            raise InputError(
+                f"{path}: object {i} must have a 'box' and/or 'points' key (and optionally 'z') and nothing else, got {obj!r}."
+            )
+        z = obj.get("z")
+        if z is not None and (isinstance(z, bool) or not isinstance(z, int) or z < 0):
+            raise InputError(f"{path}: object {i}: 'z' must be a slice index (an integer >= 0), got {z!r}.")
         points = labels = None
         if "points" in obj:
             try:
@@ -109,5 +117,5 @@ def read_prompts(path: str | os.PathLike) -> list[Prompt]:
                     raise ValueError("points are [x, y] or [x, y, label]")
             except (TypeError, ValueError) as exc:
                 raise InputError(f"{path}: object {i}: points must be [[x, y, label], ...] ({exc}).") from exc
-        prompts.append(Prompt(box=obj.get("box"), points=points, point_labels=labels))
+        prompts.append(Prompt(box=obj.get("box"), points=points, point_labels=labels, z=z))
     return prompts

@@ -1,0 +1,100 @@
+"""Intensity normalisation: any 2D image to RGB float32 in [0, 255].
+
+Presets (``intensity=``):
+
+- ``auto``: ``uint8`` images as they are, everything else ``percentile``.
+- ``percentile``: clip to the 1st and 99.8th percentile, scale to 0-255 (one
+  pair of percentiles for all colour channels, so colours keep their balance).
+- ``minmax``: the image's minimum to 0, maximum to 255.
+- ``none``: values used as they are (clipped to 0-255): for data already on that scale.
+- CT windows on Hounsfield units (level / width): ``ct-soft-tissue`` 40/400,
+  ``ct-lung`` -600/1500, ``ct-bone`` 400/1800, ``ct-brain`` 40/80.
+
+Channel layout: grayscale is repeated to RGB; RGB is kept; RGBA drops alpha;
+an image with 2 or more than 4 channels (or 4 non-``uint8`` channels) becomes
+a grayscale composite, the mean of its channels each normalised on its own.
+Choose a single channel before calling to segment that channel alone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from biosam.errors import InputError
+
+PERCENTILES = (1.0, 99.8)
+CT_WINDOWS = {"ct-soft-tissue": (40.0, 400.0), "ct-lung": (-600.0, 1500.0), "ct-bone": (400.0, 1800.0), "ct-brain": (40.0, 80.0)}
+INTENSITY_PRESETS = ("auto", "percentile", "minmax", "none", *CT_WINDOWS)
+_MAX_PERCENTILE_SAMPLES = 4_000_000
+
+
+def resolve_preset(intensity: str, dtype: np.dtype) -> str:
+    """The preset ``auto`` stands for with this pixel type; validates the name."""
+    if intensity not in INTENSITY_PRESETS:
+        raise InputError(f"unknown intensity preset '{intensity}'; choose one of {', '.join(INTENSITY_PRESETS)}.")
+    if intensity == "auto":
+        return "none" if np.dtype(dtype) in (np.uint8, np.bool_) else "percentile"
+    return intensity
+
+
+def _channels_last(image: np.ndarray) -> np.ndarray:
+    if image.ndim == 2:
+        return image[..., None]
+    if image.ndim == 3:
+        if image.shape[-1] <= 4:
+            return image
+        if image.shape[0] <= 4:
+            return np.moveaxis(image, 0, -1)
+        raise InputError(
+            f"image of shape {image.shape} looks like a stack of {image.shape[0]} slices, not a 2D image; "
+            "select one slice (or channel) first."
+        )
+    raise InputError(f"expected a 2D image (H, W) or (H, W, C), got an array of shape {image.shape}.")
+
+
+def _scale(data: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    if hi <= lo:
+        return np.zeros(data.shape, dtype=np.float32)
+    out = (data.astype(np.float32) - np.float32(lo)) * np.float32(255.0 / (hi - lo))
+    return np.clip(out, 0.0, 255.0, out=out)
+
+
+def _apply(data: np.ndarray, preset: str) -> np.ndarray:
+    if preset == "none":
+        return np.clip(data.astype(np.float32), 0.0, 255.0)
+    if preset in CT_WINDOWS:
+        level, width = CT_WINDOWS[preset]
+        return _scale(data, level - width / 2, level + width / 2)
+    flat = data.reshape(-1)
+    if preset == "percentile":
+        step = max(1, flat.size // _MAX_PERCENTILE_SAMPLES)  # percentiles of a sample are plenty
+        lo, hi = np.percentile(flat[::step], PERCENTILES)
+        if hi > lo:
+            return _scale(data, lo, hi)
+    return _scale(data, float(flat.min()), float(flat.max()))
+
+
+def normalize_intensity(image: np.ndarray, intensity: str = "auto") -> np.ndarray:
+    """Map a 2D image of any dtype and channel layout to RGB float32 in [0, 255].
+
+    See the module docstring for the presets and channel rules. Raises
+    :class:`InputError` for NaN/inf values, unsupported dtypes or shapes.
+    """
+    image = np.asarray(image)
+    if image.dtype == bool:
+        image = image.astype(np.uint8) * 255
+    if not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
+        raise InputError(f"unsupported pixel type {image.dtype}; expected integer or floating-point pixels.")
+    preset = resolve_preset(intensity, image.dtype)
+    image = _channels_last(image)
+    if image.shape[0] < 2 or image.shape[1] < 2:
+        raise InputError(f"image of shape {image.shape[:2]} is too small to segment.")
+    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+        raise InputError("image contains NaN or infinite values; replace them (e.g. with 0) before segmenting.")
+    channels = image.shape[-1]
+    if channels == 1:
+        return np.repeat(_apply(image, preset), 3, axis=-1)
+    if channels == 3 or (channels == 4 and image.dtype == np.uint8):
+        return _apply(image[..., :3], preset)
+    composite = np.mean([_apply(image[..., c], preset) for c in range(channels)], axis=0)
+    return np.repeat(composite[..., None], 3, axis=-1).astype(np.float32)
