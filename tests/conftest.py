@@ -35,3 +35,37 @@ def dsb_nuclei():
     image = tifffile.imread(shared_file("stardist_dsb2018_nuclei_2d", "img2d.tif"))
     labels = tifffile.imread(shared_file("stardist_dsb2018_nuclei_2d", "mask2d.tif"))
     return image, labels
+
+
+def make_copick_project(folder: Path) -> tuple[Path, np.ndarray]:
+    """A copick project on disk: runs TS_001 (a real cryo-ET tomogram at 10 A) and TS_002 (two spacings, no tomogram).
+
+    Returns the config path and the TS_001 tomogram.
+    """
+    import json
+
+    import tifffile
+    import zarr
+
+    from biosam.io.copick_project import import_copick
+
+    config = folder / "config.json"
+    config.write_text(json.dumps({
+        "config_type": "filesystem",
+        "name": "biosam test",
+        "pickable_objects": [
+            {"name": "vesicle", "is_particle": True, "label": 1, "radius": 150.0},
+            {"name": "membrane", "is_particle": False, "label": 2},
+        ],
+        "overlay_root": f"local://{folder / 'overlay'}",
+        "static_root": f"local://{folder / 'static'}",
+    }))
+    tomogram = tifffile.imread(shared_file("cryoet_microtubule_subtomo_cylindra", "13pf_MT.tif"))
+    root = import_copick().from_file(str(config))
+    spacing = root.new_run("TS_001").new_voxel_spacing(10.0)
+    with zarr.config.set({"default_zarr_format": 2}):  # copick projects are Zarr v2 / NGFF 0.4
+        spacing.new_tomogram("wbp").from_numpy(tomogram, levels=2, dtype=np.uint8)
+    other = root.new_run("TS_002")
+    other.new_voxel_spacing(10.0)
+    other.new_voxel_spacing(20.0)
+    return config, tomogram

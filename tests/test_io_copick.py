@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import tifffile
 import zarr
 from skimage.measure import label as connected_components
 
@@ -14,32 +13,13 @@ from biosam.errors import InputError
 from biosam.io import read_image
 from biosam.io.copick_project import import_copick, is_copick_uri, parse_uri, read, write_labels, write_picks
 
-from conftest import shared_file
+from conftest import make_copick_project
 
 
 @pytest.fixture
 def project(tmp_path):
-    """A copick project on disk: runs TS_001 (a real cryo-ET tomogram at 10 A) and TS_002 (two spacings, no tomogram)."""
-    config = tmp_path / "config.json"
-    config.write_text(json.dumps({
-        "config_type": "filesystem",
-        "name": "biosam test",
-        "pickable_objects": [
-            {"name": "vesicle", "is_particle": True, "label": 1, "radius": 150.0},
-            {"name": "membrane", "is_particle": False, "label": 2},
-        ],
-        "overlay_root": f"local://{tmp_path / 'overlay'}",
-        "static_root": f"local://{tmp_path / 'static'}",
-    }))
-    tomogram = tifffile.imread(shared_file("cryoet_microtubule_subtomo_cylindra", "13pf_MT.tif"))
-    root = import_copick().from_file(str(config))
-    spacing = root.new_run("TS_001").new_voxel_spacing(10.0)
-    with zarr.config.set({"default_zarr_format": 2}):  # copick projects are Zarr v2 / NGFF 0.4
-        spacing.new_tomogram("wbp").from_numpy(tomogram, levels=2, dtype=np.uint8)
-    other = root.new_run("TS_002")
-    other.new_voxel_spacing(10.0)
-    other.new_voxel_spacing(20.0)
-    return config, tomogram
+    """A copick project on disk (see conftest.make_copick_project) and its TS_001 tomogram."""
+    return make_copick_project(tmp_path)
 
 
 def _run(config, name="TS_001"):

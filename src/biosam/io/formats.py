@@ -59,6 +59,8 @@ def format_of(path: str | os.PathLike, for_writing: bool = False) -> str:
     if text.startswith(COPICK_PREFIX):
         return "copick"
     path = Path(path)
+    if path.parent.name == "labels" and suffix_of(path.parent.parent) in _SUFFIXES["zarr"]:
+        return "zarr"  # <image>.zarr/labels/<name>: an NGFF label image inside the image
     suffix = suffix_of(path)
     for key, suffixes in _SUFFIXES.items():
         if suffix in suffixes:
