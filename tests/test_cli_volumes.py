@@ -230,3 +230,17 @@ def test_bad_files_and_projects(tmp_path):
     res = run("segment", png, "--prompts", tmp_path / "p.json", "-o", tmp_path / "a.png")
     assert res.exit_code != 0 and "flat.png" in res.output and "z" in res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.mrc", "flat.png", "p.json", "project"]
+
+
+def test_dicom_folder_with_two_series(tmp_path):
+    folder = tmp_path / "mixed"
+    make_series(folder, n=3, size=(64, 64), series_uid="1.2.3.4", seed=1)
+    for path in folder.iterdir():
+        path.rename(folder / f"a_{path.name}")
+    make_series(folder, n=4, size=(64, 64), series_uid="1.2.3.5", seed=2)
+    out = tmp_path / "ct.nii.gz"
+    res = run("segment", folder, "--z", 1, "--box", "10,10,50,50", "-o", out)
+    assert res.exit_code != 0 and "--series" in res.output and not out.exists()
+    res = run("segment", folder, "--series", "1.2.3.5", "--z", 1, "--box", "10,10,50,50", "-o", out)
+    assert res.exit_code == 0, res.output
+    assert nib.load(out).shape[2] == 4

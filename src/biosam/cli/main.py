@@ -100,13 +100,14 @@ def _slices(prompts, meta, z: int | None) -> dict[int | None, list[int]]:
 @click.option("--channel", type=int, default=None, help="Segment this channel alone (default: RGB, or a composite of all channels).")
 @click.option("--axes", default=None, help="Axis letters of a TIFF or Zarr array when its metadata do not say (e.g. ZYX, YXC).")
 @click.option("--level", type=int, default=None, help="Resolution level of an OME-Zarr image (0 = full resolution).")
+@click.option("--series", default=None, metavar="UID", help="SeriesInstanceUID to read from a DICOM folder holding several.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda if available, else cpu.")
 @click.option("--preprocessing", type=click.Choice(["sam", "medsam", "lite_medsam"]), default=None,
               help="Override the preprocessing of a checkpoint file that is not in the zoo.")
 @click.option("--overlay", type=click.Path(path_type=Path), help="Also write a picture of the result (.png).")
 @click.option("--json", "as_json", is_flag=True, help="Print per-object score and area as JSON.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
-def segment(image, output, model, boxes, points, prompts_file, zoom, multimask, intensity, z, t, channel, axes, level,
+def segment(image, output, model, boxes, points, prompts_file, zoom, multimask, intensity, z, t, channel, axes, level, series,
             device, preprocessing, overlay, as_json, overwrite) -> None:
     """Segment the objects given by box/point prompts in IMAGE.
 
@@ -129,7 +130,7 @@ def segment(image, output, model, boxes, points, prompts_file, zoom, multimask, 
         check_output_path(overlay, (".png",), overwrite)
         if overlay.resolve() == Path(output).resolve():
             raise click.UsageError("--overlay and -o must be different files.")
-    data, meta = read_image(image, axes=axes, level=level)
+    data, meta = read_image(image, axes=axes, level=level, series_uid=series)
     groups = _slices(prompts, meta, z)
     check_labels_output(output, meta, overwrite)
     for zz in groups:  # refuse bad --z/--t/--channel before the model loads

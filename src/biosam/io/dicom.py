@@ -132,7 +132,7 @@ def _pick_series(folder: Path, found: dict[str, list[tuple[Path, Dataset]]], ser
         return series_uid
     if len(found) > 1:
         raise InputError(
-            f"{folder}: holds {len(found)} DICOM series: {listing()}. Choose one with series_uid=<UID>, or move "
+            f"{folder}: holds {len(found)} DICOM series: {listing()}. Choose one with --series UID (series_uid= in Python), or move "
             "each series to its own folder."
         )
     return next(iter(found))

@@ -121,6 +121,18 @@ class Predictor:
         self._embedding = self._embed(self._rgb, self._frame)
 
     @property
+    def embedding(self) -> torch.Tensor:
+        """The current image embedding ``(1, 256, h, w)`` on the model's device."""
+        self._require_image()
+        return self._embedding
+
+    @property
+    def frame(self) -> Frame:
+        """Geometry between the current image's pixels and the model input (see :class:`Frame`)."""
+        self._require_image()
+        return self._frame
+
+    @property
     def image_rgb(self) -> np.ndarray:
         """The current image after intensity normalisation: ``(H, W, 3)`` float32 in [0, 255]."""
         self._require_image()

@@ -1,0 +1,1 @@
+"""Automatic instance segmentation: grid-prompted mask generation, a trained instance decoder, tiling."""

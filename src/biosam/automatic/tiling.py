@@ -1,0 +1,141 @@
+"""Tiles with a halo for images larger than the model input, and seamless stitching.
+
+Each tile has an *inner* box, and the inner boxes partition the image, and an
+*outer* box (the inner box grown by the halo, shifted inwards at the image
+border so that it keeps the full tile size where the image allows). Models see
+the outer box; only the inner box of their result is kept:
+
+- dense maps (the instance decoder's foreground and distances) are pasted
+  inner box by inner box, and instances are found once on the stitched maps,
+  so an object crossing a tile border is one object by construction;
+- instance labels from a per-tile method (grid-prompted mask generation) keep
+  each object in the one tile whose inner box holds its centre, whole, as seen
+  with the halo's context; it then only fills pixels no earlier object took.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+from skimage.segmentation import relabel_sequential
+from tqdm.auto import tqdm
+
+from biosam.errors import InputError
+
+
+@dataclass(frozen=True)
+class Tile:
+    """``inner`` and ``outer`` as ``(y0, y1, x0, x1)`` in image pixels."""
+
+    inner: tuple[int, int, int, int]
+    outer: tuple[int, int, int, int]
+
+    @property
+    def outer_slice(self) -> tuple[slice, slice]:
+        y0, y1, x0, x1 = self.outer
+        return slice(y0, y1), slice(x0, x1)
+
+    @property
+    def inner_slice(self) -> tuple[slice, slice]:
+        y0, y1, x0, x1 = self.inner
+        return slice(y0, y1), slice(x0, x1)
+
+    @property
+    def inner_in_outer(self) -> tuple[slice, slice]:
+        """The inner box in the coordinates of the outer box."""
+        y0, y1, x0, x1 = self.inner
+        oy, _, ox, _ = self.outer
+        return slice(y0 - oy, y1 - oy), slice(x0 - ox, x1 - ox)
+
+
+def _starts(length: int, tile: int, halo: int) -> list[tuple[int, int, int, int]]:
+    """Along one axis: (inner start, inner end, outer start, outer end) of every tile."""
+    if length <= tile:
+        return [(0, length, 0, length)]
+    step = tile - 2 * halo
+    n = -(-length // step)  # inner boxes no longer than the step leave a full halo on both sides
+    edges = np.linspace(0, length, n + 1).round().astype(int)
+    out = []
+    for a, b in zip(edges[:-1], edges[1:]):
+        o0 = min(max(0, a - halo), length - tile)
+        out.append((int(a), int(b), int(o0), int(o0 + tile)))
+    return out
+
+
+def tile_grid(shape: tuple[int, int], tile: int, halo: int) -> list[Tile]:
+    """Tiles of ``tile`` x ``tile`` pixels overlapping by ``2 * halo`` that cover ``shape``."""
+    if tile <= 0 or halo < 0 or 2 * halo >= tile:
+        raise InputError(f"tile {tile} with halo {halo}: the tile must be larger than twice the halo (and halo >= 0).")
+    rows, cols = (_starts(n, tile, halo) for n in shape[:2])
+    return [Tile((ya, yb, xa, xb), (yo0, yo1, xo0, xo1)) for ya, yb, yo0, yo1 in rows for xa, xb, xo0, xo1 in cols]
+
+
+def _progress(tiles: list[Tile], progress: bool, what: str) -> Iterator[Tile]:
+    return iter(tqdm(tiles, desc=what, unit="tile", disable=not progress or len(tiles) < 2, leave=False))
+
+
+def stitch_maps(
+    image: np.ndarray,
+    predict: Callable[[np.ndarray], np.ndarray],
+    tile: int,
+    halo: int,
+    channels: int,
+    dtype: np.dtype = np.float32,
+    progress: bool = False,
+) -> np.ndarray:
+    """Run ``predict`` (a ``(h, w[, c])`` image -> ``(channels, h, w)`` maps) tile by tile; one ``(channels, H, W)`` result."""
+    height, width = image.shape[:2]
+    out = np.zeros((channels, height, width), dtype=dtype)
+    for t in _progress(tile_grid((height, width), tile, halo), progress, "tiles"):
+        maps = predict(image[t.outer_slice])
+        out[(slice(None), *t.inner_slice)] = maps[(slice(None), *t.inner_in_outer)]
+    return out
+
+
+def merge_instance_tiles(
+    image: np.ndarray,
+    segment: Callable[[np.ndarray], np.ndarray],
+    tile: int,
+    halo: int,
+    max_overlap: float = 0.5,
+    progress: bool = False,
+) -> np.ndarray:
+    """Run ``segment`` (an image -> instance labels of the same size) tile by tile; one label image.
+
+    An object belongs to the tile whose inner box holds its centre of mass; it
+    is drawn only on pixels still free, and dropped when more than
+    ``max_overlap`` of it is already taken (the same object found from a
+    neighbouring tile).
+    """
+    height, width = image.shape[:2]
+    labels = np.zeros((height, width), dtype=np.uint32)
+    next_id = 1
+    for t in _progress(tile_grid((height, width), tile, halo), progress, "tiles"):
+        local = np.asarray(segment(image[t.outer_slice]))
+        ids = np.unique(local)
+        ids = ids[ids > 0]
+        if not len(ids):
+            continue
+        centres = ndimage.center_of_mass(np.ones(local.shape), local, ids)
+        iy0, iy1, ix0, ix1 = t.inner
+        oy, _, ox, _ = t.outer
+        region = labels[t.outer_slice]  # a view: painting it paints ``labels``
+        for obj, (cy, cx) in zip(ids, centres):
+            if not (iy0 <= cy + oy < iy1 and ix0 <= cx + ox < ix1):
+                continue
+            mask = local == obj
+            free = mask & (region == 0)
+            if free.sum() < (1.0 - max_overlap) * mask.sum():
+                continue
+            region[free] = next_id
+            next_id += 1
+    return relabel(labels)
+
+
+def relabel(labels: np.ndarray) -> np.ndarray:
+    """Contiguous ids 1..N in the smallest unsigned type (uint16 below 65536 objects, else uint32)."""
+    out = relabel_sequential(labels)[0]
+    return out.astype(np.uint16 if out.max(initial=0) < 65536 else np.uint32, copy=False)
