@@ -12,7 +12,7 @@ import numpy as np
 
 from biosam.errors import BiosamError
 from biosam.models import CheckpointError
-from biosam.prompting.intensity import INTENSITY_PRESETS
+from biosam.cli.common import check_overlay, input_options, write_overlay
 from biosam.zoo.errors import ZooError
 
 logger = logging.getLogger("biosam")
@@ -84,7 +84,6 @@ def _slices(prompts, meta, z: int | None) -> dict[int | None, list[int]]:
 @click.argument("image", type=str)
 @click.option("-o", "--output", required=True, type=str,
               help="Label image to write; the format follows the extension (.tif, .ome.tif, .png, .mrc, .nii.gz, .zarr, copick://).")
-@click.option("--model", default="lite_medsam", show_default=True, help="Zoo name (see `biosam models`) or checkpoint path.")
 @click.option("--box", "boxes", multiple=True, metavar="x0,y0,x1,y1", help="A box prompt; repeat for several objects.")
 @click.option("--point", "points", multiple=True, metavar="x,y[,label]",
               help="A point (label 1 object, 0 background); all points describe one object.")
@@ -93,22 +92,12 @@ def _slices(prompts, meta, z: int | None) -> dict[int | None, list[int]]:
 @click.option("--zoom", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="Segment small objects in a zoomed crop (auto), always, or never (as the model's authors run it).")
 @click.option("--multimask", is_flag=True, help="Predict 3 masks per object and keep the best-scored one.")
-@click.option("--intensity", type=click.Choice(INTENSITY_PRESETS), default="auto", show_default=True,
-              help="Intensity normalisation: auto = uint8 as is, else percentile 1-99.8; ct-* are HU windows.")
 @click.option("--z", type=int, default=None, help="Slice of a volume to segment (objects in --prompts may give their own \"z\").")
-@click.option("--t", type=int, default=None, help="Time point of a time series.")
-@click.option("--channel", type=int, default=None, help="Segment this channel alone (default: RGB, or a composite of all channels).")
-@click.option("--axes", default=None, help="Axis letters of a TIFF or Zarr array when its metadata do not say (e.g. ZYX, YXC).")
-@click.option("--level", type=int, default=None, help="Resolution level of an OME-Zarr image (0 = full resolution).")
-@click.option("--series", default=None, metavar="UID", help="SeriesInstanceUID to read from a DICOM folder holding several.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda if available, else cpu.")
+@input_options
 @click.option("--preprocessing", type=click.Choice(["sam", "medsam", "lite_medsam"]), default=None,
               help="Override the preprocessing of a checkpoint file that is not in the zoo.")
-@click.option("--overlay", type=click.Path(path_type=Path), help="Also write a picture of the result (.png).")
-@click.option("--json", "as_json", is_flag=True, help="Print per-object score and area as JSON.")
-@click.option("--overwrite", is_flag=True, help="Replace existing output files.")
-def segment(image, output, model, boxes, points, prompts_file, zoom, multimask, intensity, z, t, channel, axes, level, series,
-            device, preprocessing, overlay, as_json, overwrite) -> None:
+def segment(image, output, boxes, points, prompts_file, zoom, multimask, z, intensity, t, channel, axes, level, series,
+            model, device, overlay, as_json, overwrite, preprocessing) -> None:
     """Segment the objects given by box/point prompts in IMAGE.
 
     IMAGE is a TIFF/OME-TIFF, PNG, JPEG, MRC, NIfTI, DICOM file or series
@@ -120,16 +109,12 @@ def segment(image, output, model, boxes, points, prompts_file, zoom, multimask, 
     from tqdm.auto import tqdm
 
     from biosam import Predictor, load_model
-    from biosam.io import check_labels_output, open_labels, plane_index, read_image, read_plane, write_image
-    from biosam.io.files import check_output_path
+    from biosam.io import check_labels_output, open_labels, plane_index, read_image, read_plane
     from biosam.io.meta import label_dtype
     from biosam.io.overlay import render_overlay
 
     prompts = _cli_prompts(boxes, points, prompts_file)
-    if overlay is not None:
-        check_output_path(overlay, (".png",), overwrite)
-        if overlay.resolve() == Path(output).resolve():
-            raise click.UsageError("--overlay and -o must be different files.")
+    check_overlay(overlay, output, overwrite)
     data, meta = read_image(image, axes=axes, level=level, series_uid=series)
     groups = _slices(prompts, meta, z)
     check_labels_output(output, meta, overwrite)
@@ -159,12 +144,7 @@ def segment(image, output, model, boxes, points, prompts_file, zoom, multimask, 
                 shown = [prompts[i].validate(plane.shape) for i in members]
                 picture = render_overlay(predictor.image_rgb, plane, shown)
     if picture is not None:
-        try:
-            write_image(overlay, picture, overwrite=overwrite)
-        except BaseException:
-            if not str(output).startswith("copick://"):
-                _remove(Path(output))  # all outputs or none
-            raise
+        write_overlay(overlay, picture, output, overwrite)
     if as_json:
         if all(o["z"] is None for o in objects):
             for o in objects:
@@ -172,15 +152,6 @@ def segment(image, output, model, boxes, points, prompts_file, zoom, multimask, 
         click.echo(json.dumps({"image": str(image), "input": meta.summary(), "model": predictor.info.name,
                                "intensity": predictor.intensity, "output": str(output),
                                "overlay": str(overlay) if overlay else None, "objects": objects}, indent=2))
-
-
-def _remove(path: Path) -> None:
-    import shutil
-
-    if path.is_dir():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
 
 
 @main.group(cls=_Group, invoke_without_command=True)
@@ -219,3 +190,14 @@ def models_fetch(name: str) -> None:
     from biosam.zoo import fetch, get_spec
 
     click.echo(str(fetch(get_spec(name))))
+
+
+def _register() -> None:
+    from biosam.cli.auto import auto
+    from biosam.cli.evaluate import evaluate
+
+    main.add_command(auto)
+    main.add_command(evaluate)
+
+
+_register()

@@ -1,0 +1,60 @@
+"""Options and steps shared by the commands that read an image and write labels."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+
+from biosam.prompting.intensity import INTENSITY_PRESETS
+
+_INPUT_OPTIONS = [
+    click.option("--intensity", type=click.Choice(INTENSITY_PRESETS), default="auto", show_default=True,
+                 help="Intensity normalisation: auto = uint8 as is, else percentile 1-99.8; ct-* are HU windows."),
+    click.option("--t", type=int, default=None, help="Time point of a time series."),
+    click.option("--channel", type=int, default=None,
+                 help="Segment this channel alone (default: RGB, or a composite of all channels)."),
+    click.option("--axes", default=None, help="Axis letters of a TIFF or Zarr array when its metadata do not say (e.g. ZYX, YXC)."),
+    click.option("--level", type=int, default=None, help="Resolution level of an OME-Zarr image (0 = full resolution)."),
+    click.option("--series", default=None, metavar="UID", help="SeriesInstanceUID to read from a DICOM folder holding several."),
+    click.option("--model", default="lite_medsam", show_default=True, help="Zoo name (see `biosam models`) or checkpoint path."),
+    click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda if available, else cpu."),
+    click.option("--overlay", type=click.Path(path_type=Path), help="Also write a picture of the result (.png)."),
+    click.option("--json", "as_json", is_flag=True, help="Print a JSON report of the result."),
+    click.option("--overwrite", is_flag=True, help="Replace existing output files."),
+]
+
+
+def input_options(command: Callable) -> Callable:
+    """The options every image-to-labels command takes (reading, model, outputs)."""
+    for option in reversed(_INPUT_OPTIONS):
+        command = option(command)
+    return command
+
+
+def check_overlay(overlay: Path | None, output: str, overwrite: bool) -> None:
+    """Refuse a bad ``--overlay`` before any work."""
+    from biosam.io.files import check_output_path
+
+    if overlay is not None:
+        check_output_path(overlay, (".png",), overwrite)
+        if overlay.resolve() == Path(output).resolve():
+            raise click.UsageError("--overlay and -o must be different files.")
+
+
+def write_overlay(overlay: Path, picture, output: str, overwrite: bool) -> None:
+    """Write the overlay; if that fails, take the labels away too (all outputs or none)."""
+    from biosam.io import write_image
+
+    try:
+        write_image(overlay, picture, overwrite=overwrite)
+    except BaseException:
+        if not str(output).startswith("copick://"):
+            path = Path(output)
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        raise
