@@ -1,0 +1,100 @@
+"""Automatic instance segmentation of a whole 2D image of any size, by either method, tiled.
+
+The image is normalised once as a whole (so every tile sees the same contrast)
+and kept as 8-bit, then cut into tiles of the model's scale:
+
+- ``ais``: the trained decoder's maps are stitched over the whole image and
+  instances are found once on them (see :mod:`biosam.automatic.tiling`);
+- ``amg``: grid-prompted mask generation per tile, objects assigned to the tile
+  that holds their centre.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from biosam.automatic.ais import decoder_postprocessing, load_decoder, predict_maps
+from biosam.automatic.amg import AmgSettings, automatic_mask_generation
+from biosam.automatic.decoder import InstanceDecoder
+from biosam.automatic.instances import maps_to_instances
+from biosam.automatic.tiling import merge_instance_tiles, relabel, stitch_maps
+from biosam.errors import InputError
+from biosam.prompting.intensity import normalize_intensity
+
+logger = logging.getLogger(__name__)
+
+MODES = ("ais", "amg")
+
+
+@dataclass
+class AutoSettings:
+    """How :func:`segment_automatic` runs.
+
+    ``tile`` defaults to the decoder's training tile (``ais``) or the model's
+    input size (``amg``); ``halo`` to an eighth of the tile. ``decoder`` is a
+    loaded :class:`InstanceDecoder`, a checkpoint path, or None for the one
+    shipped with the model.
+    """
+
+    mode: str = "ais"
+    decoder: InstanceDecoder | str | None = None
+    tile: int | None = None
+    halo: int | None = None
+    amg: AmgSettings | None = None  # None: the model's defaults (see amg_settings_for)
+    intensity: str = "auto"
+
+
+def amg_settings_for(model, **overrides) -> AmgSettings:
+    """Mask-generation settings for ``model``: the zoo's per-model defaults, then ``overrides`` (None ignored)."""
+    spec = getattr(getattr(model, "info", None), "spec", None)
+    values = dict(spec.defaults.get("amg", {})) if spec is not None else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return AmgSettings(**values)
+
+
+def to_uint8(image: np.ndarray, intensity: str = "auto") -> np.ndarray:
+    """Normalise a whole 2D image once: ``(H, W)`` uint8 for gray input, ``(H, W, 3)`` for colour."""
+    rgb = normalize_intensity(np.asarray(image), intensity)
+    gray = np.asarray(image).ndim == 2 or bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
+    out = rgb[..., 0] if gray else rgb
+    return np.rint(out).astype(np.uint8)
+
+
+def resolve_decoder(predictor, decoder: InstanceDecoder | str | None) -> InstanceDecoder:
+    """A loaded decoder for ``predictor``'s model: the given one, a checkpoint path, or the shipped one."""
+    if isinstance(decoder, InstanceDecoder):
+        return decoder
+    return load_decoder(decoder, model=predictor.model)
+
+
+def segment_automatic(predictor, image: np.ndarray, settings: AutoSettings | None = None,
+                      progress: bool = False) -> np.ndarray:
+    """Instance labels ``(H, W)`` (contiguous ids, uint16 or uint32) of a 2D image of any size.
+
+    ``predictor`` is a :class:`biosam.Predictor`; its current image is replaced.
+    An empty or constant image gives an all-zero label image.
+    """
+    settings = settings or AutoSettings()
+    if settings.mode not in MODES:
+        raise InputError(f"unknown mode '{settings.mode}'; choose 'ais' (trained decoder) or 'amg' (grid of points).")
+    image = np.asarray(image)
+    if image.size == 0 or image.min() == image.max():
+        return np.zeros(image.shape[:2], dtype=np.uint16)
+    pixels = to_uint8(image, settings.intensity)
+    if settings.mode == "ais":
+        decoder = resolve_decoder(predictor, settings.decoder)
+        tile = settings.tile or int((decoder.info or {}).get("tile") or predictor.input_size)
+        halo = tile // 8 if settings.halo is None else settings.halo
+        maps = stitch_maps(pixels, lambda t: predict_maps(predictor, decoder, t, intensity="none"), tile, halo,
+                           channels=3, progress=progress)
+        return relabel(maps_to_instances(maps, decoder_postprocessing(decoder)))
+    tile = settings.tile or predictor.input_size
+    halo = tile // 8 if settings.halo is None else settings.halo
+    amg = settings.amg or amg_settings_for(predictor.model)
+    return merge_instance_tiles(
+        pixels, lambda t: automatic_mask_generation(predictor, t, amg, intensity="none"), tile, halo,
+        progress=progress,
+    )

@@ -1,0 +1,89 @@
+"""``biosam auto``: every object in an image (or every slice of a volume), no prompts."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import click
+import numpy as np
+
+from biosam.cli.common import check_overlay, input_options, write_overlay
+
+
+@click.command("auto")
+@click.argument("image", type=str)
+@click.option("-o", "--output", required=True, type=str,
+              help="Instance label image to write; the format follows the extension (.tif, .png, .mrc, .nii.gz, .zarr, copick://).")
+@click.option("--mode", type=click.Choice(["ais", "amg"]), default="ais", show_default=True,
+              help="ais: the trained instance decoder (fast); amg: a grid of point prompts (any model, slow).")
+@click.option("--decoder", default=None, help="Instance decoder checkpoint (default: the one shipped with the model).")
+@click.option("--tile", type=int, default=None, help="Tile size in pixels (default: the decoder's training tile, or the model input).")
+@click.option("--halo", type=int, default=None, help="Overlap on each side of a tile in pixels (default: tile / 8).")
+@click.option("--points-per-side", type=int, default=None, help="amg: grid points along each side of a tile (default 32).")
+@click.option("--pred-iou-thresh", type=float, default=None, help="amg: keep masks with a predicted IoU above this.")
+@click.option("--stability-thresh", type=float, default=None, help="amg: keep masks with a stability score above this.")
+@click.option("--z", type=int, default=None, help="Segment only this slice of a volume (default: every slice).")
+@input_options
+def auto(image, output, mode, decoder, tile, halo, points_per_side, pred_iou_thresh, stability_thresh, z, intensity, t,
+         channel, axes, level, series, model, device, overlay, as_json, overwrite) -> None:
+    """Find every object in IMAGE and write an instance label image to OUTPUT.
+
+    Images larger than the tile are processed in overlapping tiles and stitched
+    without seams. Volumes are segmented slice by slice (ids unique across the
+    volume). An empty or constant image gives an empty label image.
+    """
+    from tqdm.auto import tqdm
+
+    from biosam import Predictor, load_model
+    from biosam.automatic.run import AutoSettings, amg_settings_for, resolve_decoder, segment_automatic, to_uint8
+    from biosam.io import check_labels_output, open_labels, plane_index, read_image, read_plane
+    from biosam.io.overlay import render_overlay
+    from biosam.prompting.intensity import resolve_preset
+
+    check_overlay(overlay, output, overwrite)
+    data, meta = read_image(image, axes=axes, level=level, series_uid=series)
+    check_labels_output(output, meta, overwrite)
+    depth = meta.shape[meta.axes.index("Z")] if "Z" in meta.axes else 1
+    planes = [z] if z is not None or depth == 1 else list(range(depth))
+    for zz in planes:  # refuse bad --z/--t/--channel before the model loads
+        plane_index(meta, zz if "Z" in meta.axes else None, t, channel)
+    predictor = Predictor(load_model(model, device=device))
+    amg = amg_settings_for(predictor.model, points_per_side=points_per_side, pred_iou_thresh=pred_iou_thresh,
+                           stability_score_thresh=stability_thresh)
+    settings = AutoSettings(mode=mode, tile=tile, halo=halo, amg=amg, intensity=intensity)
+    if mode == "ais":  # a decoder that does not fit the model is refused before any work
+        settings.decoder = resolve_decoder(predictor, decoder)
+    elif decoder is not None:
+        raise click.UsageError("--decoder is used with --mode ais only.")
+
+    start = time.perf_counter()
+    volume = "Z" in meta.axes and depth > 1
+    labels_meta = meta.labels_meta()
+    results, picture, offset = [], None, 0
+    big = labels_meta.shape[-1] * labels_meta.shape[-2] > 64 * 65535  # could hold more than 65535 objects
+    with open_labels(output, meta, np.uint32 if volume or big else np.uint16, overwrite=overwrite) as out:
+        for zz in tqdm(planes, desc="slices", disable=len(planes) < 2):
+            key = zz if "Z" in meta.axes else None
+            plane = read_plane(data, meta, key, t, channel)
+            labels = segment_automatic(predictor, plane, settings, progress=True)
+            count = int(labels.max())
+            if count > np.iinfo(out.dtype).max - offset:
+                raise click.ClickException(f"{image}: {count} objects do not fit a {out.dtype} label image.")
+            out[plane_index(labels_meta, key, t)] = np.where(labels > 0, labels.astype(out.dtype) + offset, 0)
+            results.append({"z": key, "objects": count})
+            offset += count if volume else 0
+            if overlay is not None and picture is None and (count or zz == planes[-1]):
+                shown = np.where(labels > 0, labels + offset - count, 0) if volume else labels
+                pixels = to_uint8(plane, intensity)
+                picture = render_overlay(np.dstack([pixels] * 3) if pixels.ndim == 2 else pixels, shown)
+    if picture is not None:
+        write_overlay(overlay, picture, output, overwrite)
+    if as_json:
+        report = {"image": str(image), "input": meta.summary(), "model": predictor.info.name, "mode": mode,
+                  "decoder": (settings.decoder.info or {}).get("source") if mode == "ais" else None,
+                  "intensity": resolve_preset(intensity, np.dtype(meta.dtype)), "output": str(output), "overlay": str(overlay) if overlay else None,
+                  "objects": sum(r["objects"] for r in results), "seconds": round(time.perf_counter() - start, 2)}
+        if volume:
+            report["slices"] = results
+        click.echo(json.dumps(report, indent=2))
