@@ -27,14 +27,17 @@ from biosam.prompting.intensity import normalize_intensity
 logger = logging.getLogger(__name__)
 
 MODES = ("ais", "amg")
+# Grid prompting needs enough objects per tile to be placed well; on nuclei LiteMedSAM's box grid reached
+# F1@0.5 ~0.6 on 512-1344 px images but 0.16-0.44 on 256 px tiles.
+AMG_TILE = 1024
 
 
 @dataclass
 class AutoSettings:
     """How :func:`segment_automatic` runs.
 
-    ``tile`` defaults to the decoder's training tile (``ais``) or the model's
-    input size (``amg``); ``halo`` to an eighth of the tile. ``decoder`` is a
+    ``tile`` defaults to the decoder's training tile (``ais``) or 1024 px
+    (``amg``, at least the model input); ``halo`` to an eighth of the tile. ``decoder`` is a
     loaded :class:`InstanceDecoder`, a checkpoint path, or None for the one
     shipped with the model.
     """
@@ -91,7 +94,7 @@ def segment_automatic(predictor, image: np.ndarray, settings: AutoSettings | Non
         maps = stitch_maps(pixels, lambda t: predict_maps(predictor, decoder, t, intensity="none"), tile, halo,
                            channels=3, progress=progress)
         return relabel(maps_to_instances(maps, decoder_postprocessing(decoder)))
-    tile = settings.tile or predictor.input_size
+    tile = settings.tile or max(AMG_TILE, predictor.input_size)
     halo = tile // 8 if settings.halo is None else settings.halo
     amg = settings.amg or amg_settings_for(predictor.model)
     return merge_instance_tiles(

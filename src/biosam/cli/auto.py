@@ -16,9 +16,9 @@ from biosam.cli.common import check_overlay, input_options, write_overlay
 @click.option("-o", "--output", required=True, type=str,
               help="Instance label image to write; the format follows the extension (.tif, .png, .mrc, .nii.gz, .zarr, copick://).")
 @click.option("--mode", type=click.Choice(["ais", "amg"]), default="ais", show_default=True,
-              help="ais: the trained instance decoder (fast); amg: a grid of point prompts (any model, slow).")
+              help="ais: the trained instance decoder (fast); amg: a grid of prompts, points or boxes by model (slow).")
 @click.option("--decoder", default=None, help="Instance decoder checkpoint (default: the one shipped with the model).")
-@click.option("--tile", type=int, default=None, help="Tile size in pixels (default: the decoder's training tile, or the model input).")
+@click.option("--tile", type=int, default=None, help="Tile size in pixels (default: the decoder's training tile for ais, 1024 for amg).")
 @click.option("--halo", type=int, default=None, help="Overlap on each side of a tile in pixels (default: tile / 8).")
 @click.option("--points-per-side", type=int, default=None, help="amg: grid points along each side of a tile (default 32).")
 @click.option("--pred-iou-thresh", type=float, default=None, help="amg: keep masks with a predicted IoU above this.")
