@@ -195,9 +195,11 @@ def models_fetch(name: str) -> None:
 def _register() -> None:
     from biosam.cli.auto import auto
     from biosam.cli.evaluate import evaluate
+    from biosam.cli.train import train
 
     main.add_command(auto)
     main.add_command(evaluate)
+    main.add_command(train)
 
 
 _register()

@@ -1,0 +1,166 @@
+"""Labelled images for the instance decoder: pairing, label loading, training targets, the nuclei split."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+from skimage.measure import label as connected_components
+from skimage.segmentation import relabel_sequential
+
+from biosam.errors import InputError
+
+#: NIH3T3 image numbers (``nuclei_nih3t3/images/dna-N.png``) used for training and for validation.
+NUCLEI_TRAIN = (0, 1, 26, 27, 28, 29, 30, 31, 32, 33, 37, 40, 42, 44)
+NUCLEI_VAL = (45, 46, 47, 49)
+DATA_ENV = "BIOSAM_DATA"
+
+Pair = tuple[Path, Path]
+
+
+def nuclei_split(root: str | os.PathLike | None = None) -> tuple[list[Pair], list[Pair]]:
+    """The project's fixed nuclei split as ``(train, val)`` lists of ``(image_path, label_path)``.
+
+    ``root`` is the data folder holding ``nuclei_nih3t3/`` (images ``dna-N.png``,
+    binary masks ``N.png``) and ``stardist_dsb2018_nuclei_2d/`` (default: the
+    ``BIOSAM_DATA`` environment variable). Train: NIH3T3 numbers
+    :data:`NUCLEI_TRAIN`; validation: :data:`NUCLEI_VAL` and, last, the DSB2018
+    image when present.
+    """
+    if root is None:
+        if DATA_ENV not in os.environ:
+            raise InputError(f"nuclei_split needs the data folder: pass root= or set {DATA_ENV}.")
+        root = os.environ[DATA_ENV]
+    nih = Path(root) / "nuclei_nih3t3"
+
+    def pairs(numbers: tuple[int, ...]) -> list[Pair]:
+        out = [(nih / "images" / f"dna-{n}.png", nih / "labels" / f"{n}.png") for n in numbers]
+        missing = [str(p) for pair in out for p in pair if not p.is_file()]
+        if missing:
+            raise InputError(f"nuclei data incomplete: {missing[0]} not found (looked in {nih}).")
+        return out
+
+    train, val = pairs(NUCLEI_TRAIN), pairs(NUCLEI_VAL)
+    dsb = Path(root) / "stardist_dsb2018_nuclei_2d"
+    if (dsb / "img2d.tif").is_file() and (dsb / "mask2d.tif").is_file():
+        val.append((dsb / "img2d.tif", dsb / "mask2d.tif"))
+    return train, val
+
+
+def pair_by_stem(images: str | os.PathLike, labels: str | os.PathLike) -> list[Pair]:
+    """Pair every file in ``images`` with the file of the same stem in ``labels``.
+
+    Raises :class:`InputError` when a folder is missing, empty, or an image has no label.
+    """
+    folders = {"images": Path(images), "labels": Path(labels)}
+    listing = {}
+    for what, folder in folders.items():
+        if not folder.is_dir():
+            raise InputError(f"--{what} {folder}: not a folder.")
+        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        if not files:
+            raise InputError(f"--{what} {folder}: the folder holds no files.")
+        listing[what] = {_stem(p): p for p in files}
+    unmatched = sorted(set(listing["images"]) - set(listing["labels"]))
+    if unmatched:
+        raise InputError(
+            f"{len(unmatched)} image(s) in {folders['images']} have no label file of the same name in "
+            f"{folders['labels']} (first: '{unmatched[0]}'); give each image a label image with the same stem."
+        )
+    return [(listing["images"][s], listing["labels"][s]) for s in sorted(listing["images"])]
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".ome.tiff", ".ome.tif", ".nii.gz"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def as_instances(labels: np.ndarray, name: str = "labels") -> np.ndarray:
+    """Instance labels ``1..N`` (int32) from an instance label image or a binary mask.
+
+    A mask with a single foreground value (e.g. 0/255) is split into objects by
+    4-connected components; touching objects in such a mask stay merged.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim == 3 and labels.shape[-1] in (3, 4) and np.all(labels[..., :3] == labels[..., :1]):
+        labels = labels[..., 0]  # a grey mask saved as RGB(A)
+    if labels.ndim != 2:
+        raise InputError(f"{name}: expected a 2D label image, got shape {labels.shape}.")
+    if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
+        if not np.all(np.mod(labels, 1) == 0):
+            raise InputError(f"{name}: label images need integer values, got {labels.dtype} with fractions.")
+    if labels.min(initial=0) < 0:
+        raise InputError(f"{name}: label images cannot hold negative values.")
+    labels = labels.astype(np.int64)
+    values = np.unique(labels)
+    if len(values[values > 0]) == 1:
+        return connected_components(labels > 0, connectivity=1).astype(np.int32)
+    return relabel_sequential(labels)[0].astype(np.int32)
+
+
+def read_pair(image_path: str | os.PathLike, label_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """A 2D image and its instance labels (see :func:`as_instances`), checked to have the same size."""
+    from biosam.io import read_image
+
+    image, _ = read_image(image_path)
+    raw, _ = read_image(label_path)
+    labels = as_instances(raw, str(label_path))
+    image = np.asarray(image)
+    if image.shape[:2] != labels.shape and not (image.ndim == 3 and image.shape[1:] == labels.shape):
+        raise InputError(
+            f"{label_path}: label image of size {labels.shape} does not match its image {image_path} "
+            f"of size {image.shape[:2]}."
+        )
+    return image, labels
+
+
+def distance_targets(labels: np.ndarray) -> np.ndarray:
+    """Training targets ``(3, H, W)`` float32 from instance labels.
+
+    Channel 0: foreground (0/1). Channel 1: distance to the object's centre,
+    divided by its largest value inside the object (0 at the centre, 1 at the
+    farthest pixel). Channel 2: distance to the object's boundary turned around
+    and normalised the same way (0 at the innermost pixel, 1 on the boundary).
+    Both distances are 1 in the background. The centre is the centroid, or the
+    innermost pixel when the centroid falls outside the object. An object at
+    most two pixels thin has no inside; its boundary distance is 0 throughout,
+    so that it still yields a seed.
+    """
+    labels = np.asarray(labels)
+    out = np.ones((3,) + labels.shape, dtype=np.float32)
+    out[0] = labels > 0
+    for index, box in enumerate(ndimage.find_objects(labels)):
+        if box is None:
+            continue
+        # One pixel of background around the crop, so the border counts as boundary.
+        y0, x0 = box[0].start, box[1].start
+        mask = np.pad(labels[box] == index + 1, 1)
+        inner = ndimage.distance_transform_edt(mask) - 1.0  # 0 on the object's outermost pixels
+        ys, xs = np.nonzero(mask)
+        cy, cx = int(round(ys.mean())), int(round(xs.mean()))
+        if not mask[cy, cx]:
+            cy, cx = np.unravel_index(np.argmax(inner), inner.shape)
+        yy, xx = np.ogrid[: mask.shape[0], : mask.shape[1]]
+        centre = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
+        peak = inner.max()
+        boundary = (peak - inner) / peak if peak > 0 else np.zeros_like(inner)
+        far = centre[mask].max()
+        centre = centre / far if far > 0 else centre
+        m = mask[1:-1, 1:-1]
+        region = (slice(y0, y0 + m.shape[0]), slice(x0, x0 + m.shape[1]))
+        out[1][region][m] = centre[1:-1, 1:-1][m]
+        out[2][region][m] = boundary[1:-1, 1:-1][m]
+    return out
+
+
+def dihedral(array: np.ndarray, k: int) -> np.ndarray:
+    """One of the 8 rotations/flips of the last two axes: ``k % 4`` quarter turns, then a flip if ``k >= 4``."""
+    out = np.rot90(array, k % 4, axes=(-2, -1))
+    if k >= 4:
+        out = out[..., ::-1]
+    return np.ascontiguousarray(out)

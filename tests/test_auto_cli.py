@@ -1,0 +1,109 @@
+"""`biosam auto`: the shipped decoder on real nuclei, tiles without seams, volumes, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import tifffile
+import torch
+from click.testing import CliRunner
+
+from biosam.automatic.ais import load_decoder, shipped_decoder_path
+from biosam.automatic.data import as_instances
+from biosam.automatic.tiling import tile_grid
+from biosam.cli.main import main
+from biosam.evaluate import evaluate_instances
+
+from conftest import shared_file
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def nih_val(tmp_path_factory):
+    """A 512 x 640 crop of NIH3T3 validation image 45 (not used in training) and its instance labels."""
+    folder = tmp_path_factory.mktemp("auto")
+    image = iio.imread(shared_file("nuclei_nih3t3", "images", "dna-45.png"))[256:768, 256:896]
+    truth = as_instances(iio.imread(shared_file("nuclei_nih3t3", "labels", "45.png"))[256:768, 256:896])
+    path = folder / "nuclei.tif"
+    tifffile.imwrite(path, image)
+    return path, image, truth
+
+
+@pytest.fixture(scope="module")
+def ais_result(nih_val):
+    path, _, _ = nih_val
+    out, overlay = path.parent / "labels.tif", path.parent / "overlay.png"
+    res = run("auto", path, "-o", out, "--overlay", overlay, "--json")
+    assert res.exit_code == 0, res.output
+    return tifffile.imread(out), json.loads(res.stdout), overlay
+
+
+def test_shipped_decoder_finds_the_nuclei(nih_val, ais_result):
+    _, _, truth = nih_val
+    labels, report, overlay = ais_result
+    scores = evaluate_instances(labels, truth)
+    f1 = next(r["f1"] for r in scores["per_threshold"] if r["threshold"] == 0.5)
+    assert f1 > 0.8, scores
+    assert report["objects"] == int(labels.max()) == len(np.unique(labels)) - 1  # contiguous ids
+    assert report["mode"] == "ais" and report["decoder"].endswith(shipped_decoder_path().name)
+    assert iio.imread(overlay).shape == (*labels.shape, 3)
+
+
+def test_no_seams_at_tile_borders(nih_val, ais_result):
+    """Objects on a tile border are as whole as objects elsewhere: no label edge runs along the border."""
+    _, image, truth = nih_val
+    labels = ais_result[0]
+    tile = int(load_decoder().info.get("tile", 256))
+    inner_rows = sorted({t.inner[0] for t in tile_grid(image.shape, tile, tile // 8)} - {0})
+    assert inner_rows, "the crop must span several tiles"
+
+    def cuts(row: int) -> int:  # pixels where two different objects meet between row-1 and row
+        a, b = labels[row - 1], labels[row]
+        return int(((a > 0) & (b > 0) & (a != b)).sum())
+
+    at_borders = sum(cuts(r) for r in inner_rows)
+    elsewhere = np.mean([sum(cuts(r + d) for r in inner_rows) for d in (-20, -10, 10, 20)])
+    assert at_borders <= elsewhere + 10
+
+
+def test_constant_and_volume_inputs(tmp_path, nih_val):
+    flat = tmp_path / "flat.tif"
+    tifffile.imwrite(flat, np.full((300, 300), 7, np.uint16))
+    res = run("auto", flat, "-o", tmp_path / "flat_labels.tif")
+    assert res.exit_code == 0, res.output
+    assert not tifffile.imread(tmp_path / "flat_labels.tif").any()
+
+    _, image, _ = nih_val
+    stack = np.stack([image[:256, :256], np.zeros((256, 256), np.uint8), image[256:, 256:512]])
+    tifffile.imwrite(tmp_path / "stack.tif", stack, imagej=True, metadata={"axes": "ZYX"})
+    res = run("auto", tmp_path / "stack.tif", "-o", tmp_path / "stack_labels.tif", "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    labels = tifffile.imread(tmp_path / "stack_labels.tif")
+    assert labels.shape == stack.shape and [s["z"] for s in report["slices"]] == [0, 1, 2]
+    assert report["slices"][1]["objects"] == 0 and not labels[1].any()
+    ids0, ids2 = set(np.unique(labels[0])) - {0}, set(np.unique(labels[2])) - {0}
+    assert ids0 and ids2 and not ids0 & ids2  # ids unique across the volume
+    assert report["objects"] == len(ids0) + len(ids2) == labels.max()
+
+
+def test_wrong_decoder_and_options_are_refused(tmp_path, nih_val):
+    path, _, _ = nih_val
+    data = torch.load(shipped_decoder_path(), weights_only=True)
+    data["encoder"] = {**data["encoder"], "name": "vit_b_lm", "checkpoint_hash": "0" * 32}
+    torch.save(data, tmp_path / "other.pt")
+    out = tmp_path / "labels.tif"
+    res = run("auto", path, "-o", out, "--decoder", tmp_path / "other.pt")
+    assert res.exit_code != 0 and "vit_b_lm" in res.output and not out.exists()
+
+    res = run("auto", path, "-o", out, "--mode", "amg", "--decoder", shipped_decoder_path())
+    assert res.exit_code != 0 and "--decoder" in res.output and not out.exists()
+
+    res = run("auto", path, "-o", out, "--tile", 64, "--halo", 32)
+    assert res.exit_code != 0 and "halo" in res.output and not out.exists()
