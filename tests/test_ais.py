@@ -211,7 +211,7 @@ def test_filled_holes_keep_a_ring_shaped_foreground_whole():
 def _nih_crop():
     image = iio.imread(shared_file("nuclei_nih3t3", "images", "dna-45.png"))
     gt = as_instances(iio.imread(shared_file("nuclei_nih3t3", "labels", "45.png")))
-    window = (slice(256, 640), slice(384, 768))  # 384 x 384 px: 2 x 2 tiles of 256 px with a 32 px halo
+    window = (slice(288, 736), slice(448, 896))  # 448 x 448 px: 3 x 3 tiles of 256 px with a 32 px halo
     return image[window], gt[window]
 
 
@@ -226,12 +226,14 @@ def test_shipped_decoder_segments_a_validation_crop(lite_medsam):
     predictor = Predictor(lite_medsam)
     maps = stitch_maps(image, lambda tile: predict_maps(predictor, decoder, tile), decoder.info["tile"],
                        decoder.info["halo"], channels=3)
-    assert maps.shape == (3, 384, 384) and maps.dtype == np.float32
+    assert maps.shape == (3, 448, 448) and maps.dtype == np.float32
     from biosam.automatic.ais import decoder_postprocessing
 
     pred = maps_to_instances(maps, decoder_postprocessing(decoder))
     scores = evaluate_instances(pred, gt)
-    assert scores["per_threshold"][0]["f1"] >= F1_SHIPPED_CROP, scores["per_threshold"][0]
+    # measured: F1 0.84 and mSA 0.59 (9 nuclei); one or two wrong objects of margin
+    assert scores["per_threshold"][0]["f1"] >= 0.7, scores["per_threshold"][0]
+    assert scores["msa"] >= 0.45, scores["msa"]
     # One tile without tiling goes through the same path.
     labels = instance_segmentation(predictor, decoder, image[:256, :256])
     assert labels.shape == (256, 256) and labels.max() >= 1
@@ -258,5 +260,3 @@ def test_decoder_refuses_another_encoder(tmp_path, lite_medsam):
     with pytest.raises(InputError, match="no instance decoder ships for model 'vit_b'"):
         shipped_decoder_path("vit_b")
 
-
-F1_SHIPPED_CROP = 0.0  # set from the measured value (with margin) once the shipped decoder is trained

@@ -14,7 +14,10 @@ from biosam.errors import InputError
 
 @dataclass(frozen=True)
 class PostProcessing:
-    """Parameters of :func:`maps_to_instances` (defaults tuned on the nuclei training split).
+    """Parameters of :func:`maps_to_instances`.
+
+    The defaults are where tuning starts; every trained decoder stores the
+    values tuned on its training tiles (see ``decoder_postprocessing``).
 
     - ``foreground_threshold``: foreground probability above which a pixel belongs to an object.
     - ``center_threshold`` / ``boundary_threshold``: a seed is where the centre
