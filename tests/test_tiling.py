@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from skimage.measure import label as connected_components
 
-from biosam.automatic.tiling import merge_instance_tiles, relabel, stitch_maps, tile_grid
+from biosam.automatic.labels import relabel
+from biosam.automatic.tiling import merge_instance_tiles, stitch_maps, tile_grid
 from biosam.errors import InputError
 
 

@@ -34,14 +34,14 @@ from itertools import product
 import numpy as np
 import torch
 from skimage.measure import label as label_components
-from skimage.segmentation import relabel_sequential
 from tqdm.auto import tqdm
 
+from biosam.automatic.labels import relabel
 from biosam.automatic.rle import Rle, encode_masks
 from biosam.errors import InputError
 from biosam.prompting.intensity import _channels_last
 from biosam.prompting.predictor import Predictor
-from biosam.prompting.preprocess import Frame, logits_to_image, model_input
+from biosam.prompting.preprocess import Frame, logits_to_image
 
 logger = logging.getLogger(__name__)
 
@@ -389,14 +389,9 @@ def _filter_batch(
 
 def _embed_crop(predictor: Predictor, crop_box: tuple[int, int, int, int]) -> tuple[torch.Tensor, Frame]:
     """Embedding and frame of one crop of the predictor's current image (the whole image is already embedded)."""
-    x0, y0, x1, y1 = crop_box
     if crop_box == (0, 0, predictor.frame.image_shape[1], predictor.frame.image_shape[0]):
         return predictor.embedding, predictor.frame
-    model = predictor.model
-    preprocessing = predictor.info.preprocessing
-    frame = Frame.create((y1 - y0, x1 - x0), model.image_size, preprocessing)
-    x = model_input(predictor.image_rgb[y0:y1, x0:x1], frame, preprocessing).to(predictor.device)
-    return model.embed(x), frame
+    return predictor.embed_region(crop_box)
 
 
 def generate_masks(
@@ -540,9 +535,7 @@ def masks_to_labels(records: list[MaskRecord], shape: tuple[int, int]) -> np.nda
     for value, i in enumerate(order, start=1):
         x0, y0, x1, y1 = records[i].rle.bbox
         labels[y0:y1, x0:x1][records[i].rle.to_mask((x0, y0, x1, y1))] = value
-    labels = relabel_sequential(labels)[0]
-    dtype = np.uint16 if labels.max() < 65536 else np.uint32
-    return labels.astype(dtype, copy=False)
+    return relabel(labels)
 
 
 def automatic_mask_generation(

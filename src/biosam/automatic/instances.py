@@ -7,8 +7,9 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 from scipy import ndimage
 from skimage.measure import label as connected_components
-from skimage.segmentation import relabel_sequential, watershed
+from skimage.segmentation import watershed
 
+from biosam.automatic.labels import relabel
 from biosam.errors import InputError
 
 
@@ -89,8 +90,7 @@ def maps_to_instances(maps: np.ndarray, params: PostProcessing | None = None, **
         limit = max(limit, p.min_relative_size * typical_size(sizes[sizes > 0]))
     if limit > 0:
         labels[(sizes < limit)[labels] & (labels > 0)] = 0
-    labels = relabel_sequential(labels)[0]
-    return labels.astype(np.uint16 if labels.max(initial=0) < 65536 else np.uint32)
+    return relabel(labels)
 
 
 def typical_size(sizes: np.ndarray) -> float:

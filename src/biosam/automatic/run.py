@@ -20,7 +20,7 @@ from biosam.automatic.ais import decoder_postprocessing, load_decoder, predict_m
 from biosam.automatic.amg import AmgSettings, automatic_mask_generation
 from biosam.automatic.decoder import InstanceDecoder
 from biosam.automatic.instances import maps_to_instances
-from biosam.automatic.tiling import merge_instance_tiles, relabel, stitch_maps
+from biosam.automatic.tiling import merge_instance_tiles, stitch_maps
 from biosam.errors import InputError
 from biosam.prompting.intensity import normalize_intensity
 
@@ -93,7 +93,7 @@ def segment_automatic(predictor, image: np.ndarray, settings: AutoSettings | Non
         halo = tile // 8 if settings.halo is None else settings.halo
         maps = stitch_maps(pixels, lambda t: predict_maps(predictor, decoder, t, intensity="none"), tile, halo,
                            channels=3, progress=progress)
-        return relabel(maps_to_instances(maps, decoder_postprocessing(decoder)))
+        return maps_to_instances(maps, decoder_postprocessing(decoder))
     tile = settings.tile or max(AMG_TILE, predictor.input_size)
     halo = tile // 8 if settings.halo is None else settings.halo
     amg = settings.amg or amg_settings_for(predictor.model)

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
-from skimage.segmentation import relabel_sequential
 from tqdm.auto import tqdm
 
+from biosam.automatic.labels import relabel
 from biosam.errors import InputError
 
 
@@ -134,8 +134,3 @@ def merge_instance_tiles(
             next_id += 1
     return relabel(labels)
 
-
-def relabel(labels: np.ndarray) -> np.ndarray:
-    """Contiguous ids 1..N in the smallest unsigned type (uint16 below 65536 objects, else uint32)."""
-    out = relabel_sequential(labels)[0]
-    return out.astype(np.uint16 if out.max(initial=0) < 65536 else np.uint32, copy=False)

@@ -110,6 +110,13 @@ class Predictor:
         x = model_input(rgb, frame, self.info.preprocessing).to(self.device)
         return self.model.embed(x)
 
+    def embed_region(self, box: tuple[int, int, int, int]) -> tuple[torch.Tensor, Frame]:
+        """Embedding and frame of the crop ``(x0, y0, x1, y1)`` of the current image, at the model's input size."""
+        self._require_image()
+        x0, y0, x1, y1 = box
+        frame = Frame.create((y1 - y0, x1 - x0), self.input_size, self.info.preprocessing)
+        return self._embed(self._rgb[y0:y1, x0:x1], frame), frame
+
     def set_image(self, image: np.ndarray, intensity: str = "auto") -> None:
         """Normalise and embed a 2D image (grayscale, RGB or multichannel; any dtype).
 
@@ -287,8 +294,7 @@ class Predictor:
             logger.info("segmenting %d object(s) in %d zoomed crop(s)", sum(len(cr.objects) for cr in crops), len(crops))
         for crop in tqdm(crops, desc="zoomed crops", disable=not progress or not crops, leave=False):
             x0, y0, x1, y1 = crop.box
-            crop_frame = Frame.create((y1 - y0, x1 - x0), self.input_size, self.info.preprocessing)
-            embedding = self._embed(self._rgb[y0:y1, x0:x1], crop_frame)
+            embedding, crop_frame = self.embed_region(crop.box)
             for idx, lr, iou in self._decode(crop.objects, prompts, embedding, crop_frame, (x0, y0), multimask):
                 crop_logits = logits_to_image(lr, crop_frame, self.info.preprocessing)
                 masks[idx, :, y0:y1, x0:x1] = (crop_logits > 0).cpu().numpy()
