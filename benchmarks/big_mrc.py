@@ -20,14 +20,13 @@ import argparse
 import json
 import platform
 import shutil
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import mrcfile
 import numpy as np
+from _memory import run_measured  # benchmarks/ is on sys.path when a script here runs
 
 VOXEL_SIZE = 7.84  # Å, a typical binned tomogram
 
@@ -76,19 +75,6 @@ def generate(path: Path, n_slices: int, side: int, spheres) -> list[dict]:
     return prompts
 
 
-def sample_memory(pid: int, peaks: dict[str, int], stop: threading.Event) -> None:
-    while not stop.is_set():
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            return
-        for line in status.splitlines():
-            key = line.split(":")[0]
-            if key in ("VmRSS", "RssAnon"):
-                peaks[key] = max(peaks.get(key, 0), int(line.split()[1]) * 1024)
-        time.sleep(0.05)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--slices", type=int, default=128)
@@ -117,17 +103,8 @@ def main() -> None:
 
     cmd = [sys.executable, "-m", "biosam", "segment", str(tomo), "--prompts", str(chosen_path), "-o", str(out),
            "--device", "cpu", "--overwrite", "--json"]
-    peaks: dict[str, int] = {}
-    stop = threading.Event()
-    t0 = time.perf_counter()
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    sampler = threading.Thread(target=sample_memory, args=(child.pid, peaks, stop))
-    sampler.start()
-    stdout, _ = child.communicate()
-    seconds = time.perf_counter() - t0
-    stop.set()
-    sampler.join()
-    if child.returncode != 0:
+    returncode, stdout, seconds, peaks = run_measured(cmd)
+    if returncode != 0:
         sys.exit(f"biosam segment failed with exit code {child.returncode}")
 
     # Score slice by slice against the generated truth (regenerated, same seed).

@@ -237,6 +237,9 @@ def test_shipped_decoder_segments_a_validation_crop(lite_medsam):
     # One tile without tiling goes through the same path.
     labels = instance_segmentation(predictor, decoder, image[:256, :256])
     assert labels.shape == (256, 256) and labels.max() >= 1
+    # An image smaller than the tile is padded, not enlarged: objects keep the size the decoder learnt.
+    labels = instance_segmentation(predictor, decoder, image[:128, :160])
+    assert predictor.frame.resized == (128, 160) and labels.shape == (128, 160)
 
 
 def test_decoder_refuses_another_encoder(tmp_path, lite_medsam):

@@ -48,6 +48,15 @@ def test_settings_are_checked():
     assert TrainSettings(scales=(1, 0.5), crops_per_image=3).crops_per_image == (3, 3)
 
 
+def test_typical_object_size_is_the_median_diameter_at_the_mean_training_scale():
+    from biosam.train.decoder import typical_object_size
+
+    settings = TrainSettings(scales=(1.0, 0.5, 0.25), crops_per_image=(4, 4, 2))
+    # geometric mean of the scales weighted 4:4:2 = 0.5 ** 0.8
+    assert typical_object_size([0, 80, 90, 100], settings) == pytest.approx(90 * 0.5**0.8, abs=0.05)
+    assert typical_object_size([], settings) == 0.0
+
+
 @pytest.fixture(scope="module")
 def tiny_pairs(tmp_path_factory):
     """Two 160 x 200 px NIH3T3 crops with nuclei, as image/label folders."""
@@ -84,7 +93,7 @@ def test_train_cli_writes_a_loadable_decoder_and_resumes(tiny_pairs, tmp_path, l
     info = decoder.info
     assert info["encoder"]["name"] == "lite_medsam"
     assert info["encoder"]["checkpoint_hash"] == lite_medsam.info.checkpoint_hash
-    assert info["tile"] == 256 and info["intensity"] == "auto"
+    assert info["tile"] == 256 and info["intensity"] == "auto" and 20 < info["object_size"] < 150
     assert set(info["postprocessing"]) == {"foreground_threshold", "center_threshold", "boundary_threshold",
                                            "smoothing", "min_size", "fill_holes", "min_relative_size"}
     assert [row["epoch"] for row in info["training"]["history"]] == [1]

@@ -222,12 +222,13 @@ def predict_maps(
     image, e.g. one tile) is embedded with ``intensity`` normalisation, or the
     predictor's current image is used when ``image`` is None. The maps are
     resampled to image size the way SAM's masks are. The decoder was trained on
-    tiles of ``decoder.info["tile"]`` pixels at native resolution: give it
-    images (tiles) of about that size so objects keep the scale it learnt.
+    tiles of ``decoder.info["tile"]`` pixels: a smaller image is padded to that
+    size, not enlarged, so objects keep the scale the decoder learnt; give larger
+    images tile by tile (:func:`biosam.automatic.run.segment_automatic` does).
     """
     check_compatible(decoder, predictor.model)
     if image is not None:
-        predictor.set_image(image, intensity)
+        predictor.set_image(image, intensity, extent=(decoder.info or {}).get("tile"))
     decoder = decoder.to(predictor.device).eval()
     with torch.inference_mode():
         maps = maps_from_embedding(decoder, predictor.embedding, predictor.frame)

@@ -15,11 +15,14 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from biosam.automatic.ais import decoder_postprocessing, load_decoder, predict_maps
 from biosam.automatic.amg import AmgSettings, automatic_mask_generation
 from biosam.automatic.decoder import InstanceDecoder
 from biosam.automatic.instances import maps_to_instances
+from biosam.automatic.labels import relabel
 from biosam.automatic.tiling import merge_instance_tiles, stitch_maps
 from biosam.errors import InputError
 from biosam.prompting.intensity import normalize_intensity
@@ -30,6 +33,7 @@ MODES = ("ais", "amg")
 # Grid prompting needs enough objects per tile to be placed well; on nuclei LiteMedSAM's box grid reached
 # F1@0.5 ~0.6 on 512-1344 px images but 0.16-0.44 on 256 px tiles.
 AMG_TILE = 1024
+MIN_SCALE, MAX_SCALE = 0.05, 4.0
 
 
 @dataclass
@@ -40,6 +44,11 @@ class AutoSettings:
     (``amg``, at least the model input); ``halo`` to an eighth of the tile. ``decoder`` is a
     loaded :class:`InstanceDecoder`, a checkpoint path, or None for the one
     shipped with the model.
+
+    ``scale`` resizes the image before segmenting (0.5 halves it) and the labels
+    come back at the original size; ``object_size`` (``ais``) sets it from the
+    typical object diameter in pixels instead, as ``decoder object size /
+    object_size``, where the decoder records the diameter it segments best.
     """
 
     mode: str = "ais"
@@ -48,6 +57,8 @@ class AutoSettings:
     halo: int | None = None
     amg: AmgSettings | None = None  # None: the model's defaults (see amg_settings_for)
     intensity: str = "auto"
+    scale: float | None = None
+    object_size: float | None = None
 
 
 def amg_settings_for(model, **overrides) -> AmgSettings:
@@ -64,6 +75,34 @@ def to_uint8(image: np.ndarray, intensity: str = "auto") -> np.ndarray:
     gray = np.asarray(image).ndim == 2 or bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
     out = rgb[..., 0] if gray else rgb
     return np.rint(out).astype(np.uint8)
+
+
+def working_scale(settings: AutoSettings, decoder: InstanceDecoder | None = None) -> float:
+    """The resize factor ``settings`` ask for (1.0 when neither ``scale`` nor ``object_size`` is set)."""
+    if settings.scale is not None and settings.object_size is not None:
+        raise InputError("give either scale or object_size, not both.")
+    if settings.object_size is not None:
+        if settings.object_size <= 0:
+            raise InputError(f"object_size must be a positive diameter in pixels, not {settings.object_size}.")
+        if decoder is None:
+            raise InputError("object_size needs the instance decoder (mode 'ais'); use scale with mode 'amg'.")
+        preferred = (decoder.info or {}).get("object_size")
+        if not preferred:
+            raise InputError("this decoder does not record the object size it works best at; use scale instead.")
+        scale = float(preferred) / settings.object_size
+    else:
+        scale = 1.0 if settings.scale is None else float(settings.scale)
+    if not MIN_SCALE <= scale <= MAX_SCALE:
+        raise InputError(f"scale {scale:.3g} is outside [{MIN_SCALE}, {MAX_SCALE}]; check scale / object_size.")
+    return scale
+
+
+def _resize(image: np.ndarray, shape: tuple[int, int], order: int) -> np.ndarray:
+    """``image`` (H, W[, C]) resized to ``shape``: linear with anti-aliasing for pixels, nearest for labels."""
+    from skimage.transform import resize
+
+    out = resize(image, shape + image.shape[2:], order=order, anti_aliasing=order > 0, preserve_range=True)
+    return out.astype(image.dtype) if order == 0 else np.rint(out).astype(image.dtype)
 
 
 def resolve_decoder(predictor, decoder: InstanceDecoder | str | None) -> InstanceDecoder:
@@ -87,17 +126,27 @@ def segment_automatic(predictor, image: np.ndarray, settings: AutoSettings | Non
     if image.size == 0 or image.min() == image.max():
         return np.zeros(image.shape[:2], dtype=np.uint16)
     pixels = to_uint8(image, settings.intensity)
-    if settings.mode == "ais":
-        decoder = resolve_decoder(predictor, settings.decoder)
+    decoder = resolve_decoder(predictor, settings.decoder) if settings.mode == "ais" else None
+    scale = working_scale(settings, decoder)
+    shape = pixels.shape[:2]
+    if scale != 1.0:
+        pixels = _resize(pixels, tuple(max(1, round(n * scale)) for n in shape), order=1)
+    if decoder is not None:
         tile = settings.tile or int((decoder.info or {}).get("tile") or predictor.input_size)
         halo = tile // 8 if settings.halo is None else settings.halo
         maps = stitch_maps(pixels, lambda t: predict_maps(predictor, decoder, t, intensity="none"), tile, halo,
                            channels=3, progress=progress)
-        return maps_to_instances(maps, decoder_postprocessing(decoder))
+        params = decoder_postprocessing(decoder)
+        if scale != 1.0:
+            # Objects are found at the original size, so the pixel-valued parameters follow the resize.
+            maps = F.interpolate(torch.from_numpy(maps)[None], size=shape, mode="bilinear", align_corners=False)[0].numpy()
+            params = params.replace(smoothing=params.smoothing / scale, min_size=round(params.min_size / scale**2))
+        return maps_to_instances(maps, params)
     tile = settings.tile or max(AMG_TILE, predictor.input_size)
     halo = tile // 8 if settings.halo is None else settings.halo
     amg = settings.amg or amg_settings_for(predictor.model)
-    return merge_instance_tiles(
+    labels = merge_instance_tiles(
         pixels, lambda t: automatic_mask_generation(predictor, t, amg, intensity="none"), tile, halo,
         progress=progress,
     )
+    return labels if scale == 1.0 else relabel(_resize(labels, shape, order=0))

@@ -20,12 +20,16 @@ from biosam.cli.common import check_overlay, input_options, write_overlay
 @click.option("--decoder", default=None, help="Instance decoder checkpoint (default: the one shipped with the model).")
 @click.option("--tile", type=int, default=None, help="Tile size in pixels (default: the decoder's training tile for ais, 1024 for amg).")
 @click.option("--halo", type=int, default=None, help="Overlap on each side of a tile in pixels (default: tile / 8).")
+@click.option("--object-size", type=float, default=None,
+              help="ais: typical object diameter in pixels; the image is resized so objects have the size the decoder segments best.")
+@click.option("--scale", type=float, default=None,
+              help="Resize the image by this factor before segmenting (labels come back at the original size).")
 @click.option("--points-per-side", type=int, default=None, help="amg: grid points along each side of a tile (default 32).")
 @click.option("--pred-iou-thresh", type=float, default=None, help="amg: keep masks with a predicted IoU above this.")
 @click.option("--stability-thresh", type=float, default=None, help="amg: keep masks with a stability score above this.")
 @click.option("--z", type=int, default=None, help="Segment only this slice of a volume (default: every slice).")
 @input_options
-def auto(image, output, mode, decoder, tile, halo, points_per_side, pred_iou_thresh, stability_thresh, z, intensity, t,
+def auto(image, output, mode, decoder, tile, halo, object_size, scale, points_per_side, pred_iou_thresh, stability_thresh, z, intensity, t,
          channel, axes, level, series, model, device, overlay, as_json, overwrite) -> None:
     """Find every object in IMAGE and write an instance label image to OUTPUT.
 
@@ -36,7 +40,14 @@ def auto(image, output, mode, decoder, tile, halo, points_per_side, pred_iou_thr
     from tqdm.auto import tqdm
 
     from biosam import Predictor, load_model
-    from biosam.automatic.run import AutoSettings, amg_settings_for, resolve_decoder, segment_automatic, to_uint8
+    from biosam.automatic.run import (
+        AutoSettings,
+        amg_settings_for,
+        resolve_decoder,
+        segment_automatic,
+        to_uint8,
+        working_scale,
+    )
     from biosam.io import check_labels_output, open_labels, plane_index, read_image, read_plane
     from biosam.io.overlay import render_overlay
     from biosam.prompting.intensity import resolve_preset
@@ -51,11 +62,13 @@ def auto(image, output, mode, decoder, tile, halo, points_per_side, pred_iou_thr
     predictor = Predictor(load_model(model, device=device))
     amg = amg_settings_for(predictor.model, points_per_side=points_per_side, pred_iou_thresh=pred_iou_thresh,
                            stability_score_thresh=stability_thresh)
-    settings = AutoSettings(mode=mode, tile=tile, halo=halo, amg=amg, intensity=intensity)
+    settings = AutoSettings(mode=mode, tile=tile, halo=halo, amg=amg, intensity=intensity, scale=scale,
+                            object_size=object_size)
     if mode == "ais":  # a decoder that does not fit the model is refused before any work
         settings.decoder = resolve_decoder(predictor, decoder)
-    elif decoder is not None:
-        raise click.UsageError("--decoder is used with --mode ais only.")
+    elif decoder is not None or object_size is not None:
+        raise click.UsageError("--decoder and --object-size are used with --mode ais only (--scale works with both).")
+    applied = working_scale(settings, settings.decoder if mode == "ais" else None)
 
     start = time.perf_counter()
     volume = "Z" in meta.axes and depth > 1
@@ -82,7 +95,7 @@ def auto(image, output, mode, decoder, tile, halo, points_per_side, pred_iou_thr
     if as_json:
         report = {"image": str(image), "input": meta.summary(), "model": predictor.info.name, "mode": mode,
                   "decoder": (settings.decoder.info or {}).get("source") if mode == "ais" else None,
-                  "intensity": resolve_preset(intensity, np.dtype(meta.dtype)), "output": str(output), "overlay": str(overlay) if overlay else None,
+                  "intensity": resolve_preset(intensity, np.dtype(meta.dtype)), "scale": applied, "output": str(output), "overlay": str(overlay) if overlay else None,
                   "objects": sum(r["objects"] for r in results), "seconds": round(time.perf_counter() - start, 2)}
         if volume:
             report["slices"] = results

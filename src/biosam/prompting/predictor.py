@@ -97,12 +97,12 @@ class Predictor:
         return self.model.image_size
 
     # ---------------------------------------------------------------- image
-    def _prepare(self, image: np.ndarray, intensity: str) -> None:
+    def _prepare(self, image: np.ndarray, intensity: str, extent: int | None = None) -> None:
         image = np.asarray(image)
         self._rgb = normalize_intensity(image, intensity)
         self.intensity = resolve_preset(intensity, image.dtype)
         self._image = image
-        self._frame = Frame.create(self._rgb.shape[:2], self.input_size, self.info.preprocessing)
+        self._frame = Frame.create(self._rgb.shape[:2], self.input_size, self.info.preprocessing, extent)
         self._embedding = None
 
     @torch.inference_mode()
@@ -117,14 +117,16 @@ class Predictor:
         frame = Frame.create((y1 - y0, x1 - x0), self.input_size, self.info.preprocessing)
         return self._embed(self._rgb[y0:y1, x0:x1], frame), frame
 
-    def set_image(self, image: np.ndarray, intensity: str = "auto") -> None:
+    def set_image(self, image: np.ndarray, intensity: str = "auto", extent: int | None = None) -> None:
         """Normalise and embed a 2D image (grayscale, RGB or multichannel; any dtype).
 
         ``intensity`` is a preset of :mod:`biosam.prompting.intensity` (``auto``,
         ``percentile``, ``minmax``, ``none``, ``ct-soft-tissue``, ``ct-lung``,
         ``ct-bone``, ``ct-brain``); the one used is kept in :attr:`intensity`.
+        ``extent`` (pixels): an image smaller than this is padded as part of an
+        ``extent``-pixel square rather than enlarged to the model input (tiles).
         """
-        self._prepare(image, intensity)
+        self._prepare(image, intensity, extent)
         self._embedding = self._embed(self._rgb, self._frame)
 
     @property

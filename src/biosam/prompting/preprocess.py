@@ -49,11 +49,13 @@ class Frame:
     resized: tuple[int, int]
 
     @classmethod
-    def create(cls, image_shape: tuple[int, int], input_size: int, preprocessing: str) -> Frame:
+    def create(cls, image_shape: tuple[int, int], input_size: int, preprocessing: str, extent: int | None = None) -> Frame:
+        """The frame of an image; with ``extent``, a smaller image is scaled as if it were the top-left part
+        of an ``extent``-pixel square (so an edge tile keeps the scale of a full tile) instead of enlarged."""
         h, w = image_shape
         if preprocessing == "medsam":
             return cls((h, w), input_size, (input_size, input_size))
-        scale = input_size / max(h, w)
+        scale = input_size / max(h, w, extent or 0)
         # Same rounding as the reference ResizeLongestSide transform.
         return cls((h, w), input_size, (int(h * scale + 0.5), int(w * scale + 0.5)))
 

@@ -165,15 +165,6 @@ class EmbeddingCache:
         return torch.from_numpy(embedding)
 
 
-def tile_frame(shape: tuple[int, int], tile: int, input_size: int, preprocessing: str) -> Frame:
-    """The frame of a tile: scaled by ``input_size / tile`` like a full tile, so a smaller tile keeps the scale."""
-    if preprocessing == "medsam":
-        return Frame.create(shape, input_size, preprocessing)
-    scale = input_size / tile
-    resized = tuple(min(input_size, int(n * scale + 0.5)) for n in shape)
-    return Frame(tuple(shape), input_size, resized)
-
-
 def _full_frame(frame: Frame, tile: int) -> Frame:
     """The frame of a tile-sized image whose top-left part is ``frame``'s image (maps then cover the padding too)."""
     scale = frame.input_size / tile
@@ -221,10 +212,11 @@ class _ValImage:
 
 def _training_samples(model, pairs, settings: TrainSettings, tile: int, cache: EmbeddingCache, progress: bool):
     size = model.image_size
-    samples = []
+    samples, diameters = [], []
     bar = tqdm(pairs, desc="embedding training tiles", unit="image", disable=not progress)
     for index, (image_path, label_path) in enumerate(bar):
         image, labels = read_pair(image_path, label_path)
+        diameters.extend(2.0 * np.sqrt(np.bincount(labels.ravel())[1:] / np.pi))
         rgb = normalize_intensity(image, settings.intensity)
         for level, (scale, count) in enumerate(zip(settings.scales, settings.crops_per_image)):
             # One random stream per image and scale: asking for more crops keeps (and reuses) the earlier ones.
@@ -245,7 +237,7 @@ def _training_samples(model, pairs, settings: TrainSettings, tile: int, cache: E
                     rgb_v = dihedral(rgb_s[window].transpose(2, 0, 1), k).transpose(1, 2, 0)
                     # A crop smaller than the tile (small image) is padded by the model's own
                     # preprocessing, bottom and right; the targets are padded the same way.
-                    frame = tile_frame(rgb_v.shape[:2], tile, size, model.info.preprocessing)
+                    frame = Frame.create(rgb_v.shape[:2], size, model.info.preprocessing, extent=tile)
                     embedding = cache(rgb_v, frame)
                     target = _pad_to(dihedral(targets[(slice(None), *window)], k), tile, 1.0, (1, 2))
                     target[0, rgb_v.shape[0] :] = 0.0
@@ -260,7 +252,19 @@ def _training_samples(model, pairs, settings: TrainSettings, tile: int, cache: E
         bar.set_postfix(tiles=len(samples), embedded=cache.computed)
     if not samples:
         raise InputError("no training tiles: the training images are empty or too small.")
-    return samples
+    return samples, typical_object_size(diameters, settings)
+
+
+def typical_object_size(diameters, settings: TrainSettings) -> float:
+    """The object diameter (pixels) in the middle of what the decoder saw: the median diameter of the
+    training objects times the geometric mean of the training scales, weighted by crops per scale."""
+    diameters = np.asarray(diameters, dtype=float)
+    diameters = diameters[diameters > 0]
+    if diameters.size == 0:
+        return 0.0
+    weights = np.asarray(settings.crops_per_image, dtype=float)
+    mean_log_scale = float(np.sum(weights * np.log(settings.scales)) / weights.sum())
+    return round(float(np.median(diameters)) * math.exp(mean_log_scale), 1)
 
 
 def validation_images(
@@ -291,7 +295,7 @@ def validation_images(
         tiles = []
         for t in tile_grid(rgb.shape[:2], tile, halo):
             part = rgb[t.outer_slice]
-            frame = tile_frame(part.shape[:2], tile, model.image_size, model.info.preprocessing)
+            frame = Frame.create(part.shape[:2], model.image_size, model.info.preprocessing, extent=tile)
             tiles.append((t, cache(part, frame), frame))
         out.append(_ValImage(Path(image_path).name, labels, tiles, rgb.shape[:2]))
         bar.set_postfix(embedded=cache.computed)
@@ -460,7 +464,7 @@ def train_decoder(
     elif state_path.exists():
         logger.info("starting anew: replacing %s", state_path)
 
-    samples = _training_samples(model, train_pairs, settings, tile, cache, progress)
+    samples, object_size = _training_samples(model, train_pairs, settings, tile, cache, progress)
     val_items = validation_images(model, val_pairs, tile, settings.halo, settings.intensity, cache, progress)
     logger.info("%d training tiles, %d validation images (%d embeddings computed)", len(samples), len(val_items),
                 cache.computed)
@@ -483,7 +487,7 @@ def train_decoder(
 
     params = PostProcessing()
     info = {"encoder": encoder_info(model), "intensity": settings.intensity, "normalisation": "whole image",
-            "tile": tile, "halo": settings.halo, "postprocessing": params.to_dict()}
+            "tile": tile, "halo": settings.halo, "object_size": object_size, "postprocessing": params.to_dict()}
     steps = settings.steps_per_epoch or max(1, math.ceil(len(samples) / settings.batch_size))
     epochs_bar = tqdm(range(first_epoch, settings.epochs + 1), desc="epochs", unit="epoch", disable=not progress,
                       initial=first_epoch - 1, total=settings.epochs)
