@@ -37,7 +37,7 @@ def mosaic(side: int) -> tuple[np.ndarray, np.ndarray]:
     pairs = [p for p in train + val if "nih3t3" in str(p[0])]
     image = np.zeros((side, side), np.uint8)
     labels = np.zeros((side, side), np.uint32)
-    y, row, k, offset = 0, 0, 0, 0
+    y, k, offset = 0, 0, 0
     while y < side:
         x, height = 0, 0
         while x < side:
@@ -50,7 +50,7 @@ def mosaic(side: int) -> tuple[np.ndarray, np.ndarray]:
             labels[y : y + h, x : x + w] = np.where(part > 0, part + offset, 0)
             offset += int(truth.max())
             x, height, k = x + w, max(height, h), k + 1
-        y, row = y + height, row + 1
+        y += height
     return image, labels
 
 

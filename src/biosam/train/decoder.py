@@ -172,11 +172,12 @@ def _full_frame(frame: Frame, tile: int) -> Frame:
 
 
 def _resize_rgb(rgb: np.ndarray, scale: float) -> np.ndarray:
+    """Bilinear resize of an ``(H, W, 3)`` image, anti-aliased when shrinking."""
     if scale == 1.0:
         return rgb
     size = [max(1, int(round(n * scale))) for n in rgb.shape[:2]]
     x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]
-    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=scale < 1)
     return x[0].permute(1, 2, 0).clamp(0, 255).numpy()
 
 
@@ -286,12 +287,7 @@ def validation_images(
     bar = tqdm(pairs, desc="embedding validation tiles", unit="image", disable=not progress)
     for image_path, label_path in bar:
         image, labels = read_pair(image_path, label_path)
-        rgb = normalize_intensity(image, intensity)
-        if scale != 1.0:
-            size = [max(1, int(round(n * scale))) for n in rgb.shape[:2]]
-            x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=scale < 1)
-            rgb = x[0].permute(1, 2, 0).clamp(0, 255).numpy()
+        rgb = _resize_rgb(normalize_intensity(image, intensity), scale)
         tiles = []
         for t in tile_grid(rgb.shape[:2], tile, halo):
             part = rgb[t.outer_slice]
