@@ -15,14 +15,13 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from biosam.automatic.ais import decoder_postprocessing, load_decoder, predict_maps
 from biosam.automatic.amg import AmgSettings, automatic_mask_generation
 from biosam.automatic.decoder import InstanceDecoder
 from biosam.automatic.instances import maps_to_instances
 from biosam.automatic.labels import relabel
+from biosam.automatic.resample import resize_image, resize_labels, resize_maps, scaled_shape
 from biosam.automatic.tiling import merge_instance_tiles, stitch_maps
 from biosam.errors import InputError
 from biosam.prompting.intensity import normalize_intensity
@@ -97,14 +96,6 @@ def working_scale(settings: AutoSettings, decoder: InstanceDecoder | None = None
     return scale
 
 
-def _resize(image: np.ndarray, shape: tuple[int, int], order: int) -> np.ndarray:
-    """``image`` (H, W[, C]) resized to ``shape``: linear with anti-aliasing for pixels, nearest for labels."""
-    from skimage.transform import resize
-
-    out = resize(image, shape + image.shape[2:], order=order, anti_aliasing=order > 0, preserve_range=True)
-    return out.astype(image.dtype) if order == 0 else np.rint(out).astype(image.dtype)
-
-
 def resolve_decoder(predictor, decoder: InstanceDecoder | str | None) -> InstanceDecoder:
     """A loaded decoder for ``predictor``'s model: the given one, a checkpoint path, or the shipped one."""
     if isinstance(decoder, InstanceDecoder):
@@ -130,7 +121,7 @@ def segment_automatic(predictor, image: np.ndarray, settings: AutoSettings | Non
     scale = working_scale(settings, decoder)
     shape = pixels.shape[:2]
     if scale != 1.0:
-        pixels = _resize(pixels, tuple(max(1, round(n * scale)) for n in shape), order=1)
+        pixels = resize_image(pixels, scaled_shape(shape, scale))
     if decoder is not None:
         tile = settings.tile or int((decoder.info or {}).get("tile") or predictor.input_size)
         halo = tile // 8 if settings.halo is None else settings.halo
@@ -139,7 +130,7 @@ def segment_automatic(predictor, image: np.ndarray, settings: AutoSettings | Non
         params = decoder_postprocessing(decoder)
         if scale != 1.0:
             # Objects are found at the original size, so the pixel-valued parameters follow the resize.
-            maps = F.interpolate(torch.from_numpy(maps)[None], size=shape, mode="bilinear", align_corners=False)[0].numpy()
+            maps = resize_maps(maps, shape)
             params = params.replace(smoothing=params.smoothing / scale, min_size=round(params.min_size / scale**2))
         return maps_to_instances(maps, params)
     tile = settings.tile or max(AMG_TILE, predictor.input_size)
@@ -149,4 +140,4 @@ def segment_automatic(predictor, image: np.ndarray, settings: AutoSettings | Non
         pixels, lambda t: automatic_mask_generation(predictor, t, amg, intensity="none"), tile, halo,
         progress=progress,
     )
-    return labels if scale == 1.0 else relabel(_resize(labels, shape, order=0))
+    return labels if scale == 1.0 else relabel(resize_labels(labels, shape))

@@ -31,6 +31,7 @@ from biosam.automatic.ais import encoder_info, maps_from_embedding, save_decoder
 from biosam.automatic.data import dihedral, distance_targets, read_pair
 from biosam.automatic.decoder import InstanceDecoder, config_for, count_parameters
 from biosam.automatic.instances import PostProcessing, maps_to_instances
+from biosam.automatic.resample import resize_image, resize_labels, resize_maps, scaled_shape
 from biosam.automatic.tiling import Tile, tile_grid
 from biosam.errors import InputError
 from biosam.evaluate import aggregate, instance_counts
@@ -171,23 +172,6 @@ def _full_frame(frame: Frame, tile: int) -> Frame:
     return Frame((tile, tile), frame.input_size, (int(tile * scale + 0.5),) * 2)
 
 
-def _resize_rgb(rgb: np.ndarray, scale: float) -> np.ndarray:
-    """Bilinear resize of an ``(H, W, 3)`` image, anti-aliased when shrinking."""
-    if scale == 1.0:
-        return rgb
-    size = [max(1, int(round(n * scale))) for n in rgb.shape[:2]]
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]
-    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=scale < 1)
-    return x[0].permute(1, 2, 0).clamp(0, 255).numpy()
-
-
-def _resize_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resampling of a label image (pixel centres mapped back)."""
-    rows = np.minimum(((np.arange(shape[0]) + 0.5) * labels.shape[0] / shape[0]).astype(int), labels.shape[0] - 1)
-    cols = np.minimum(((np.arange(shape[1]) + 0.5) * labels.shape[1] / shape[1]).astype(int), labels.shape[1] - 1)
-    return labels[np.ix_(rows, cols)]
-
-
 def _pad_to(array: np.ndarray, tile: int, value: float, axes: tuple[int, int]) -> np.ndarray:
     pad = [(0, 0)] * array.ndim
     for axis in axes:
@@ -222,8 +206,8 @@ def _training_samples(model, pairs, settings: TrainSettings, tile: int, cache: E
         for level, (scale, count) in enumerate(zip(settings.scales, settings.crops_per_image)):
             # One random stream per image and scale: asking for more crops keeps (and reuses) the earlier ones.
             rng = np.random.default_rng([settings.seed, index, level])
-            rgb_s = _resize_rgb(rgb, scale)
-            labels_s = _resize_labels(labels, rgb_s.shape[:2]) if scale != 1.0 else labels
+            rgb_s = resize_image(rgb, scaled_shape(rgb.shape, scale))
+            labels_s = resize_labels(labels, rgb_s.shape[:2])
             if min(labels_s.shape) < 16:
                 logger.info("%s: skipping scale %.2f (image too small)", image_path, scale)
                 continue
@@ -287,7 +271,8 @@ def validation_images(
     bar = tqdm(pairs, desc="embedding validation tiles", unit="image", disable=not progress)
     for image_path, label_path in bar:
         image, labels = read_pair(image_path, label_path)
-        rgb = _resize_rgb(normalize_intensity(image, intensity), scale)
+        rgb = normalize_intensity(image, intensity)
+        rgb = resize_image(rgb, scaled_shape(rgb.shape, scale))
         tiles = []
         for t in tile_grid(rgb.shape[:2], tile, halo):
             part = rgb[t.outer_slice]
@@ -348,11 +333,7 @@ def _image_maps(decoder: InstanceDecoder, item: _ValImage) -> np.ndarray:
     for t, embedding, frame in item.tiles:
         out = maps_from_embedding(decoder, embedding[None].float(), frame)[0].cpu().numpy()
         maps[(slice(None), *t.inner_slice)] = out[(slice(None), *t.inner_in_outer)]
-    if tuple(item.shape) != item.labels.shape:
-        resized = F.interpolate(torch.from_numpy(maps)[None], size=item.labels.shape, mode="bilinear",
-                                align_corners=False, antialias=True)
-        maps = resized[0].numpy()
-    return maps
+    return resize_maps(maps, item.labels.shape)
 
 
 def _scores(preds: list[np.ndarray], gts: list[np.ndarray]) -> tuple[dict, list[dict]]:
