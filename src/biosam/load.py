@@ -13,6 +13,7 @@ import xxhash
 from biosam.errors import InputError
 from biosam.models import CONFIGS, load_sam_checkpoint
 from biosam.models.config import config_name
+from biosam.models.precision import resolve_precision
 from biosam.prompting.preprocess import PREPROCESSINGS
 from biosam.zoo import ModelSpec, list_specs, resolve_checkpoint
 
@@ -67,6 +68,7 @@ def load_model(
     name_or_path: str | os.PathLike = "lite_medsam",
     device: str | torch.device | None = None,
     preprocessing: str | None = None,
+    precision: str = "auto",
 ) -> torch.nn.Module:
     """Load a SAM-family model by zoo name (see ``biosam models``) or checkpoint path.
 
@@ -75,12 +77,16 @@ def load_model(
     no network. A local file not in the zoo has its architecture inferred from
     its tensors and gets the preprocessing of its file name's zoo entry, else
     SAM's (LiteMedSAM's for a LiteMedSAM-shaped file); pass ``preprocessing``
-    (``"sam"``, ``"medsam"``, ``"lite_medsam"``) to override. The returned
-    module carries a :class:`ModelInfo` as ``model.info``.
+    (``"sam"``, ``"medsam"``, ``"lite_medsam"``) to override. ``precision``
+    (``"auto"``, ``"fp32"``, ``"bf16"``) is the image encoder's arithmetic;
+    ``auto`` is bf16 only where the device computes it natively (see
+    :mod:`biosam.models.precision`). The returned module carries a
+    :class:`ModelInfo` as ``model.info`` and the precision used as ``model.precision``.
     """
     if preprocessing is not None and preprocessing not in PREPROCESSINGS:
         raise InputError(f"preprocessing must be one of {PREPROCESSINGS}, got '{preprocessing}'.")
     device = _device(device)
+    precision = resolve_precision(precision, device)
     path, spec = resolve_checkpoint(name_or_path)
     config = CONFIGS[spec.architecture] if spec is not None else None
     model = load_sam_checkpoint(path, config)
@@ -88,5 +94,6 @@ def load_model(
         preprocessing = spec.preprocessing if spec is not None else _guess_preprocessing(path, config_name(model.config))
     name = spec.name if spec is not None else str(path)
     model.info = ModelInfo(name=name, preprocessing=preprocessing, checkpoint=Path(path), spec=spec)
-    logger.info("loaded %s (%s preprocessing) on %s", name, preprocessing, device)
+    model.precision = precision
+    logger.info("loaded %s (%s preprocessing) on %s, %s", name, preprocessing, device, precision)
     return model.eval().to(device)

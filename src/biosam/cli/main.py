@@ -37,6 +37,9 @@ def main(verbose: int) -> None:
     """Segment Anything for biomedical images."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from biosam.runtime import configure_cpu
+
+    configure_cpu()  # this process is ours: keep freed activations for reuse (see biosam.runtime)
 
 
 def _numbers(text: str, what: str, counts: tuple[int, ...]) -> list[float]:
@@ -97,7 +100,7 @@ def _slices(prompts, meta, z: int | None) -> dict[int | None, list[int]]:
 @click.option("--preprocessing", type=click.Choice(["sam", "medsam", "lite_medsam"]), default=None,
               help="Override the preprocessing of a checkpoint file that is not in the zoo.")
 def segment(image, output, boxes, points, prompts_file, zoom, multimask, z, intensity, t, channel, axes, level, series,
-            model, device, overlay, as_json, overwrite, preprocessing) -> None:
+            model, device, precision, overlay, as_json, overwrite, preprocessing) -> None:
     """Segment the objects given by box/point prompts in IMAGE.
 
     IMAGE is a TIFF/OME-TIFF, PNG, JPEG, MRC, NIfTI, DICOM file or series
@@ -120,7 +123,7 @@ def segment(image, output, boxes, points, prompts_file, zoom, multimask, z, inte
     check_labels_output(output, meta, overwrite)
     for zz in groups:  # refuse bad --z/--t/--channel before the model loads
         plane_index(meta, zz, t, channel)
-    predictor = Predictor(load_model(model, device=device, preprocessing=preprocessing))
+    predictor = Predictor(load_model(model, device=device, preprocessing=preprocessing, precision=precision))
     labels_meta = meta.labels_meta()
     objects: list[dict] = [{} for _ in prompts]
     picture = None

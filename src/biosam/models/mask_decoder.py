@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .common import MLP, LayerNorm2d
+from .common import MLP, LayerNorm2d, gelu
 from .transformer import TwoWayTransformer
 
 
@@ -79,12 +80,39 @@ class MaskDecoder(nn.Module):
         hs, keys = self.transformer(src, image_pe, tokens)
 
         c, h, w = src.shape[1:]
-        upscaled = self.output_upscaling(keys.transpose(1, 2).reshape(-1, c, h, w))
+        upscaled = self._upscale(keys.reshape(b, h * w, c))  # (B, h*w*16, C/8), pixels in block order
         # Only the requested outputs' masks are computed.
         first, last = (1, self.num_mask_tokens) if multimask_output else (0, 1)
         hyper_in = torch.stack(
             [self.output_hypernetworks_mlps[i](hs[:, 1 + i]) for i in range(first, last)], dim=1
         )
-        masks = (hyper_in @ upscaled.flatten(2)).view(b, last - first, *upscaled.shape[-2:])
+        masks = _raster(hyper_in @ upscaled.transpose(1, 2), h, w)
         iou_pred = self.iou_prediction_head(hs[:, 0])[:, first:last]
         return masks, iou_pred
+
+    def _upscale(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``output_upscaling`` on (B, h*w, C) tokens -> (B, h*w*16, C/8) features, pixels in block order.
+
+        A 2x2 stride-2 transposed convolution is one matrix product per pixel. Its four outputs
+        per input pixel stay next to each other (block order: token, then 2x2 offsets of the
+        first, then of the second upsampling), so the large feature maps are never shuffled;
+        only the final masks are put in raster order (:func:`_raster`).
+        """
+        up1, norm, _, up2, _ = self.output_upscaling
+        b = tokens.shape[0]
+        x = _transposed_conv_2x2(tokens, up1).view(b, -1, up1.out_channels)
+        x = gelu(F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps))
+        return gelu(_transposed_conv_2x2(x, up2).view(b, -1, up2.out_channels))
+
+
+def _transposed_conv_2x2(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
+    """``conv`` (kernel 2, stride 2) on pixels ``x`` (B, N, Cin) -> (B, N, 4 * Cout), offsets (dy, dx) major."""
+    weight = conv.weight.permute(0, 2, 3, 1).flatten(1)  # (Cin, Cout, 2, 2) -> (Cin, [dy, dx, Cout])
+    return F.linear(x, weight.t(), conv.bias.repeat(4))
+
+
+def _raster(masks: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, K, h*w*16) masks in block order (i, j, dy1, dx1, dy2, dx2) -> (B, K, 4h, 4w) images."""
+    b, k = masks.shape[:2]
+    blocks = masks.view(b, k, h, w, 2, 2, 2, 2)
+    return blocks.permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(b, k, 4 * h, 4 * w)

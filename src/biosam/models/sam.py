@@ -33,6 +33,9 @@ class Sam(nn.Module):
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
         self.config = config
+        # "fp32" or "bf16" (see biosam.models.precision); only the image encoder runs in bf16,
+        # the small decoder stays fp32 so mask logits keep their resolution.
+        self.precision = "fp32"
 
     @property
     def image_size(self) -> int:
@@ -44,8 +47,11 @@ class Sam(nn.Module):
         return self.prompt_encoder.no_mask_embed.weight.device
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised, padded images (B, 3, S, S) -> image embeddings (B, 256, h, w)."""
-        return self.image_encoder(images)
+        """Normalised, padded images (B, 3, S, S) -> fp32 image embeddings (B, 256, h, w)."""
+        if self.precision == "fp32":
+            return self.image_encoder(images)
+        with torch.autocast(images.device.type, dtype=torch.bfloat16):
+            return self.image_encoder(images).float()
 
     def decode(
         self,

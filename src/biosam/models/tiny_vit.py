@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import LayerNorm2d
+from .common import LayerNorm2d, gelu
 
 __all__ = ["TinyViT"]
 
@@ -39,6 +39,71 @@ class ConvBN(nn.Sequential):
         nn.init.constant_(bn.weight, bn_weight_init)
         nn.init.zeros_(bn.bias)
         super().__init__(OrderedDict(c=conv, bn=bn))
+
+    def fused(self) -> tuple[Tensor, Tensor]:
+        """Weight and bias of the single convolution that equals conv + BatchNorm in eval mode."""
+        conv, bn = self.c, self.bn
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        return conv.weight * scale.view(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            return super().forward(x)
+        # In eval mode BatchNorm is an affine map; folding it into the (small) weights saves a
+        # full pass over the (large) activations.
+        weight, bias = (t.to(x.dtype) for t in self.fused())
+        conv = self.c
+        if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1:
+            return _pointwise(x, weight, bias)
+        return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+# Above this many elements in the widest activation, the local conv blocks of the first stage run in
+# horizontal strips: a strip's activations stay in cache, and no large buffer is page-faulted in.
+_STRIP_ELEMENTS = 1 << 22
+_STRIP_TARGET = 1 << 20
+
+
+def _local_block(x: Tensor, convs: Sequence[ConvBN], residual: bool) -> Tensor:
+    """1x1 conv, GELU, 3x3 depthwise conv (stride 1 or 2), GELU, 1x1 conv [+ x, GELU] on NCHW ``x``.
+
+    Without autograd and on large inputs the result is computed strip by strip; each
+    strip reads the rows its 3x3 conv needs (zero rows beyond the image, as the padding
+    of the whole-image conv gives). Results equal the whole-image computation.
+    """
+    c1, c2, c3 = convs
+    hidden = c1.c.out_channels
+    height, width = x.shape[-2:]
+    stride = c2.c.stride[0]
+    if torch.is_grad_enabled() or c1.training or x.shape[0] * hidden * height * width <= _STRIP_ELEMENTS:
+        y = gelu(c2(gelu(c1(x))))
+        y = c3(y)
+        return gelu(y.add_(x)) if residual else y
+    (w1, b1), (w2, b2), (w3, b3) = (conv.fused() for conv in convs)
+    w1, b1, w2, b2, w3, b3 = (t.to(x.dtype) for t in (w1, b1, w2, b2, w3, b3))
+    out_h, out_w = (height + 2 - 3) // stride + 1, (width + 2 - 3) // stride + 1
+    rows = max(1, _STRIP_TARGET // (x.shape[0] * hidden * width * stride))
+    out = torch.empty((x.shape[0], c3.c.out_channels, out_h, out_w), dtype=x.dtype, device=x.device,
+                      memory_format=torch.channels_last)
+    for o0 in range(0, out_h, rows):
+        o1 = min(out_h, o0 + rows)
+        lo, hi = o0 * stride - 1, (o1 - 1) * stride + 2  # input rows of the 3x3 conv, padding included
+        a, b = max(lo, 0), min(hi, height)
+        y = gelu(_pointwise(x[:, :, a:b], w1, b1))
+        if a > lo or b < hi:
+            y = F.pad(y, (0, 0, a - lo, hi - b))
+        y = gelu(F.conv2d(y, w2, b2, (stride, stride), (0, 1), 1, hidden))
+        y = _pointwise(y, w3, b3)
+        if residual:
+            y = gelu(y.add_(x[:, :, o0:o1]))
+        out[:, :, o0:o1] = y
+    return out
+
+
+def _pointwise(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """1x1 convolution of a channels-last NCHW tensor as one matrix product (faster than the conv path)."""
+    out = F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias)
+    return out.permute(0, 3, 1, 2)
 
 
 class PatchEmbed(nn.Module):
@@ -63,7 +128,10 @@ class PatchEmbed(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.seq(x)
+        # channels-last from here on: oneDNN's convolutions are fastest in that layout, and the
+        # attention stages want (B, H, W, C) memory anyway
+        x = x.contiguous(memory_format=torch.channels_last)
+        return self.seq[2](gelu(self.seq[0](x)))
 
 
 class MBConv(nn.Module):
@@ -77,11 +145,8 @@ class MBConv(nn.Module):
         self.conv3 = ConvBN(hidden, dim, bn_weight_init=0.0)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.gelu(self.conv1(x))
-        y = F.gelu(self.conv2(y))
-        y = self.conv3(y)
         # the activation comes after the residual sum in this block design
-        return F.gelu(y.add_(x))
+        return _local_block(x, (self.conv1, self.conv2, self.conv3), residual=True)
 
 
 class PatchMerging(nn.Module):
@@ -99,9 +164,7 @@ class PatchMerging(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, C', H', W')."""
-        x = F.gelu(self.conv1(x))
-        x = F.gelu(self.conv2(x))
-        return self.conv3(x)
+        return _local_block(x, (self.conv1, self.conv2, self.conv3), residual=False)
 
 
 class ConvStage(nn.Module):
@@ -169,7 +232,7 @@ class TokenMLP(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(self.norm(x))))
+        return self.fc2(gelu(self.fc1(self.norm(x))))
 
 
 class TinyViTBlock(nn.Module):

@@ -35,6 +35,14 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         batch = max(q.shape[0], k.shape[0], v.shape[0])
+        nq, nk = q.shape[1], k.shape[1]
+        # Prompt tokens are few (<= ~10), image tokens many (4096). Where the many-token side is
+        # per prompt, projecting it costs more than everything else; both products below move
+        # the projection onto the few tokens instead (the same sums in another order).
+        if nq <= _FEW < nk and k.shape[0] == v.shape[0] == batch:
+            return self._few_queries(q, k, v)
+        if nk <= _FEW < nq:
+            return self._few_keys(q, k, v, batch)
         out = F.scaled_dot_product_attention(
             self._split_heads(self.q_proj(q), batch),
             self._split_heads(self.k_proj(k), batch),
@@ -42,6 +50,56 @@ class Attention(nn.Module):
         )
         b, heads, n, d = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, heads * d))
+
+    def _head_weights(self, proj: nn.Linear) -> torch.Tensor:
+        """(heads, head_dim, embedding_dim) view of a projection's weight."""
+        return proj.weight.view(self.num_heads, -1, proj.weight.shape[1])
+
+    def _few_queries(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention of a few queries to many per-batch keys without projecting the keys.
+
+        Scores q W_k (k)^T: the key bias adds a constant per query row, which the softmax
+        ignores. Values: A (v W_v^T + b_v) = (A v) W_v^T + b_v since the rows of A sum to 1.
+        """
+        b, nq, _ = q.shape
+        heads = self.num_heads
+        queries = self._split_heads(self.q_proj(q), q.shape[0])  # (bq, heads, nq, d)
+        scale = queries.shape[-1] ** -0.5
+        qk = torch.einsum("bhqd,hdc->bhqc", queries, self._head_weights(self.k_proj)) * scale
+        batch = k.shape[0]
+        scores = qk.flatten(1, 2).expand(batch, -1, -1) @ k.transpose(1, 2)  # (batch, heads*nq, nk)
+        mixed = (scores.softmax(dim=-1) @ v).view(batch, heads, nq, -1)  # (batch, heads, nq, C)
+        out = torch.einsum("bhqc,hdc->bqhd", mixed, self._head_weights(self.v_proj))
+        out = out + self.v_proj.bias.view(heads, -1)
+        return self.out_proj(out.flatten(2))
+
+    def _few_keys(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int) -> torch.Tensor:
+        """Attention of many queries to a few keys, the output projection applied to the few values.
+
+        sum_h A_h (V_h W_o,h^T) equals the projection of the concatenated heads; with per-batch
+        queries the query projection moves onto the keys too: (q W_q^T + b_q) K^T = q (W_q^T K^T) + b_q K^T.
+        """
+        heads = self.num_heads
+        keys = self._split_heads(self.k_proj(k), batch)  # (batch, heads, nk, d)
+        values = self._split_heads(self.v_proj(v), batch)
+        nq, nk = q.shape[1], keys.shape[2]
+        scale = keys.shape[-1] ** -0.5
+        # Scores are laid out (batch, heads * nk, nq): the softmax over the few keys then runs
+        # across contiguous rows of queries, which vectorises (a length-7 last axis does not).
+        if q.shape[0] == 1 < batch:  # queries shared by every batch entry: project them once
+            queries = self._split_heads(self.q_proj(q), 1)
+            scores = (keys @ queries.transpose(-1, -2)).flatten(1, 2) * scale
+        else:
+            qk = torch.einsum("hdc,bhkd->bhkc", self._head_weights(self.q_proj), keys).flatten(1, 2) * scale
+            bias = torch.einsum("hd,bhkd->bhk", self.q_proj.bias.view(heads, -1), keys).flatten(1) * scale
+            scores = torch.baddbmm(bias[..., None], qk, q.transpose(1, 2))
+        attn = scores.view(batch, heads, nk, nq).softmax(dim=2).view(batch, heads * nk, nq)
+        projected = torch.einsum("bhkd,chd->bhkc", values, self.out_proj.weight.view(-1, heads, values.shape[-1]))
+        return torch.baddbmm(self.out_proj.bias, attn.transpose(1, 2), projected.flatten(1, 2))
+
+
+# Token counts up to this take the projection-saving attention paths.
+_FEW = 64
 
 
 class TwoWayAttentionBlock(nn.Module):

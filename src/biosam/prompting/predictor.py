@@ -170,6 +170,7 @@ class Predictor:
             "intensity": self.intensity,
             "intensity_percentiles": list(PERCENTILES),
             "input_size": self.input_size,
+            "precision": getattr(self.model, "precision", "fp32"),
         }
 
     def save_embedding(self, path: str | os.PathLike) -> Path:

@@ -142,7 +142,10 @@ class EmbeddingCache:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         info = model.info
-        self._prefix = f"{info.checkpoint_hash}|{info.preprocessing}|{model.image_size}|"
+        precision = getattr(model, "precision", "fp32")
+        # fp32 keys stay as they were, so existing caches remain valid
+        self._prefix = f"{info.checkpoint_hash}|{info.preprocessing}|{model.image_size}|" + (
+            "" if precision == "fp32" else f"{precision}|")
         self.computed = 0
 
     def __call__(self, rgb: np.ndarray, frame: Frame) -> torch.Tensor:
