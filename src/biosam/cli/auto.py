@@ -30,7 +30,7 @@ from biosam.cli.common import check_overlay, input_options, write_overlay
 @click.option("--z", type=int, default=None, help="Segment only this slice of a volume (default: every slice).")
 @input_options
 def auto(image, output, mode, decoder, tile, halo, object_size, scale, points_per_side, pred_iou_thresh, stability_thresh, z, intensity, t,
-         channel, axes, level, series, model, device, precision, overlay, as_json, overwrite) -> None:
+         channel, axes, level, series, model, device, precision, embeddings, overlay, as_json, overwrite) -> None:
     """Find every object in IMAGE and write an instance label image to OUTPUT.
 
     Images larger than the tile are processed in overlapping tiles and stitched
@@ -59,7 +59,7 @@ def auto(image, output, mode, decoder, tile, halo, object_size, scale, points_pe
     planes = [z] if z is not None or depth == 1 else list(range(depth))
     for zz in planes:  # refuse bad --z/--t/--channel before the model loads
         plane_index(meta, zz if "Z" in meta.axes else None, t, channel)
-    predictor = Predictor(load_model(model, device=device, precision=precision))
+    predictor = Predictor(load_model(model, device=device, precision=precision), store=embeddings)
     amg = amg_settings_for(predictor.model, points_per_side=points_per_side, pred_iou_thresh=pred_iou_thresh,
                            stability_score_thresh=stability_thresh)
     settings = AutoSettings(mode=mode, tile=tile, halo=halo, amg=amg, intensity=intensity, scale=scale,

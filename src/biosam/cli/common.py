@@ -23,6 +23,8 @@ _INPUT_OPTIONS = [
     click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda if available, else cpu."),
     click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
                  help="Image encoder arithmetic; auto = bf16 where the CPU/GPU computes it natively, else fp32."),
+    click.option("--embeddings", "embeddings", type=click.Path(path_type=Path), default=None,
+                 help="Zarr store of image embeddings: reused when present, added when new (resumes interrupted runs)."),
     click.option("--overlay", type=click.Path(path_type=Path), help="Also write a picture of the result (.png)."),
     click.option("--json", "as_json", is_flag=True, help="Print a JSON report of the result."),
     click.option("--overwrite", is_flag=True, help="Replace existing output files."),

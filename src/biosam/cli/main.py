@@ -100,7 +100,7 @@ def _slices(prompts, meta, z: int | None) -> dict[int | None, list[int]]:
 @click.option("--preprocessing", type=click.Choice(["sam", "medsam", "lite_medsam"]), default=None,
               help="Override the preprocessing of a checkpoint file that is not in the zoo.")
 def segment(image, output, boxes, points, prompts_file, zoom, multimask, z, intensity, t, channel, axes, level, series,
-            model, device, precision, overlay, as_json, overwrite, preprocessing) -> None:
+            model, device, precision, embeddings, overlay, as_json, overwrite, preprocessing) -> None:
     """Segment the objects given by box/point prompts in IMAGE.
 
     IMAGE is a TIFF/OME-TIFF, PNG, JPEG, MRC, NIfTI, DICOM file or series
@@ -123,7 +123,8 @@ def segment(image, output, boxes, points, prompts_file, zoom, multimask, z, inte
     check_labels_output(output, meta, overwrite)
     for zz in groups:  # refuse bad --z/--t/--channel before the model loads
         plane_index(meta, zz, t, channel)
-    predictor = Predictor(load_model(model, device=device, preprocessing=preprocessing, precision=precision))
+    predictor = Predictor(load_model(model, device=device, preprocessing=preprocessing, precision=precision),
+                          store=embeddings)
     labels_meta = meta.labels_meta()
     objects: list[dict] = [{} for _ in prompts]
     picture = None

@@ -18,6 +18,7 @@ from biosam.errors import EmbeddingMismatchError, InputError
 from biosam.prompting.intensity import PERCENTILES, normalize_intensity, resolve_preset
 from biosam.prompting.preprocess import Frame, crop_to_low_res, logits_to_image, model_input
 from biosam.prompting.prompts import Prompt
+from biosam.prompting.store import EmbeddingStore, embedding_key
 from biosam.prompting.zoom import ZoomSettings, plan_crops
 
 logger = logging.getLogger(__name__)
@@ -74,11 +75,16 @@ class Predictor:
 
     ``model`` comes from :func:`biosam.load_model`. The image embedding is
     computed once by :meth:`set_image` (or restored by :meth:`load_embedding`)
-    and reused for every call of :meth:`predict`.
+    and reused for every call of :meth:`predict`. With ``store`` (an
+    :class:`~biosam.prompting.store.EmbeddingStore` or a path for one), every
+    embedding is kept on disk and reused by later runs.
     """
 
-    def __init__(self, model: torch.nn.Module, zoom_settings: ZoomSettings | None = None, batch_size: int = 64):
+    def __init__(self, model: torch.nn.Module, zoom_settings: ZoomSettings | None = None, batch_size: int = 64,
+                 store: EmbeddingStore | str | os.PathLike | None = None):
         self.model = model.eval()
+        # every embedding (images, tiles, zoomed crops) is looked up here first and added when new
+        self.store = store if store is None or isinstance(store, EmbeddingStore) else EmbeddingStore(store, model)
         self.info = model.info
         self.zoom_settings = zoom_settings or ZoomSettings()
         self.batch_size = batch_size
@@ -107,8 +113,17 @@ class Predictor:
 
     @torch.inference_mode()
     def _embed(self, rgb: np.ndarray, frame: Frame) -> torch.Tensor:
+        key = None
+        if self.store is not None:
+            key = embedding_key(rgb, frame)
+            stored = self.store.get(key)
+            if stored is not None:
+                return stored.to(self.device)
         x = model_input(rgb, frame, self.info.preprocessing).to(self.device)
-        return self.model.embed(x)
+        embedding = self.model.embed(x)
+        if key is not None:
+            self.store.put(key, embedding)
+        return embedding
 
     def embed_region(self, box: tuple[int, int, int, int]) -> tuple[torch.Tensor, Frame]:
         """Embedding and frame of the crop ``(x0, y0, x1, y1)`` of the current image, at the model's input size."""
