@@ -272,3 +272,26 @@ def test_encoder_trains():
     encoder(x).square().mean().backward()
     no_grad = [name for name, p in encoder.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert no_grad == []
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_strip_wise_local_blocks_equal_whole_image(monkeypatch, stride):
+    """The cache-friendly strip path (used without autograd on large maps) equals the plain computation."""
+    from biosam.models import tiny_vit
+
+    torch.manual_seed(stride)
+    block = tiny_vit.PatchMerging(16, 32, stride=stride) if stride == 2 else tiny_vit.MBConv(16, 4.0)
+    for module in block.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+    block.eval()
+    x = torch.randn(2, 16, 37, 45).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        plain = block(x.clone())  # below the strip threshold: whole-image path
+        monkeypatch.setattr(tiny_vit, "_STRIP_ELEMENTS", 0)
+        monkeypatch.setattr(tiny_vit, "_STRIP_TARGET", 2 * 64 * 45 * stride * 5)  # 5-row strips, uneven last
+        strips = block(x.clone())
+    assert strips.shape == plain.shape
+    assert _max_diff(strips, plain) < 1e-5

@@ -63,7 +63,7 @@ def test_configure_cpu_sets_threads_and_allocator():
         applied = configure_cpu(threads=1)
         assert applied["threads"] == torch.get_num_threads() == 1
         if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-            assert applied["keep_freed_mib"] == 1024
+            assert applied["keep_freed_mib"] == 256
         assert "keep_freed_mib" not in configure_cpu(keep_freed_mib=0)
     finally:
         torch.set_num_threads(before)

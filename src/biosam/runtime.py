@@ -24,7 +24,7 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
 
-def configure_cpu(threads: int | None = None, keep_freed_mib: int = 1024) -> dict:
+def configure_cpu(threads: int | None = None, keep_freed_mib: int = 256) -> dict:
     """Tune this process for CPU inference and return what was set.
 
     ``threads``: torch intra-op threads (default: leave torch's choice, one per core).
