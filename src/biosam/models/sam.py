@@ -14,6 +14,10 @@ if TYPE_CHECKING:
     from .config import SamConfig
 
 
+# Prompts decoded together on a CPU (see Sam.decode); measured fastest per prompt in benchmarks/speed.py.
+_CPU_PROMPT_CHUNK = 8
+
+
 class Sam(nn.Module):
     """A SAM v1 model working on preprocessed model-input tensors.
 
@@ -70,6 +74,20 @@ class Sam(nn.Module):
         """
         if (point_coords is None) != (point_labels is None):
             raise ValueError("point_coords and point_labels must be given together")
+        prompts = [t for t in (point_coords, boxes, mask_inputs) if t is not None]
+        count = prompts[0].shape[0] if prompts else 1
+        if image_embedding.device.type == "cpu" and image_embedding.shape[0] == 1 and count > _CPU_PROMPT_CHUNK:
+            # On a CPU the per-prompt image-token activations (4 MB each) of a few prompts stay in
+            # cache; a large batch streams them through memory and decodes slower per prompt.
+            parts = [
+                self.decode(
+                    image_embedding,
+                    *(None if t is None else t[i : i + _CPU_PROMPT_CHUNK] for t in (point_coords, point_labels, boxes, mask_inputs)),
+                    multimask=multimask,
+                )
+                for i in range(0, count, _CPU_PROMPT_CHUNK)
+            ]
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         points = None if point_coords is None else (point_coords, point_labels)
         sparse, dense = self.prompt_encoder(points, boxes, mask_inputs)
         return self.mask_decoder(
