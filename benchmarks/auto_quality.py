@@ -41,6 +41,7 @@ from biosam.automatic.data import nuclei_split, read_pair
 from biosam.automatic.run import AutoSettings, amg_settings_for, segment_automatic
 from biosam.evaluate import aggregate, instance_counts
 from biosam.evaluate.instances import MSA_THRESHOLDS
+from biosam.runtime import configure_cpu
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -70,8 +71,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     args = parser.parse_args()
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    configure_cpu(args.threads)  # as the biosam command does
     _, val = nuclei_split(DATA)
     val = val[: args.max_images] if args.max_images else val
     sets = {"NIH3T3 val (4 images)": ([p for p in val if "nih3t3" in str(p[0])], 85.0),

@@ -245,14 +245,13 @@ def _training_samples(model, pairs, settings: TrainSettings, tile: int, cache: E
 
 def typical_object_size(diameters, settings: TrainSettings) -> float:
     """The object diameter (pixels) in the middle of what the decoder saw: the median diameter of the
-    training objects times the geometric mean of the training scales, weighted by crops per scale."""
+    training objects times the log-midpoint of the training scales, sqrt(smallest x largest)."""
     diameters = np.asarray(diameters, dtype=float)
     diameters = diameters[diameters > 0]
     if diameters.size == 0:
         return 0.0
-    weights = np.asarray(settings.crops_per_image, dtype=float)
-    mean_log_scale = float(np.sum(weights * np.log(settings.scales)) / weights.sum())
-    return round(float(np.median(diameters)) * math.exp(mean_log_scale), 1)
+    middle = math.sqrt(min(settings.scales) * max(settings.scales))
+    return round(float(np.median(diameters)) * middle, 1)
 
 
 def validation_images(
