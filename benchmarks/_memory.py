@@ -8,17 +8,26 @@ import time
 from pathlib import Path
 
 
+def memory_status(pid: int | str = "self") -> dict[str, int]:
+    """The memory fields of ``/proc/<pid>/status`` (VmRSS, VmHWM, RssAnon, ...) in bytes."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if value.strip().endswith("kB"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
 def sample_memory(pid: int, peaks: dict[str, int], stop: threading.Event) -> None:
     """Keep the highest VmRSS and RssAnon (bytes) of ``pid`` in ``peaks`` until ``stop`` is set."""
     while not stop.is_set():
         try:
-            status = Path(f"/proc/{pid}/status").read_text()
+            status = memory_status(pid)
         except OSError:
             return
-        for line in status.splitlines():
-            key = line.split(":")[0]
-            if key in ("VmRSS", "RssAnon"):
-                peaks[key] = max(peaks.get(key, 0), int(line.split()[1]) * 1024)
+        for key in ("VmRSS", "RssAnon"):
+            if key in status:
+                peaks[key] = max(peaks.get(key, 0), status[key])
         time.sleep(0.05)
 
 

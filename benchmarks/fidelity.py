@@ -155,11 +155,12 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
-def interleaved(ours: Callable[[], object], ref: Callable[[], object]) -> tuple[float, float, object, object]:
-    """Median seconds of ours and reference (after one warm-up each) and the warm-up outputs."""
+def interleaved(ours: Callable[[], object], ref: Callable[[], object], runs: int = TIMING_RUNS
+                ) -> tuple[float, float, object, object]:
+    """Median seconds of ours and reference over ``runs`` (after one warm-up each) and the warm-up outputs."""
     times: dict[str, list[float]] = {"ours": [], "ref": []}
     outputs: dict[str, object] = {}
-    for run in range(TIMING_RUNS + 1):
+    for run in range(runs + 1):
         # alternate who goes first so neither always runs on a warmer cache
         order = [("ours", ours), ("ref", ref)] if run % 2 == 0 else [("ref", ref), ("ours", ours)]
         for name, fn in order:

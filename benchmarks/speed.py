@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
 import time
 import warnings
@@ -27,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fidelity import (DATA, NUCLEI, cpu_model, ihc_input, lite_medsam_pair, markdown, pad_square,
+from _memory import memory_status
+from fidelity import (DATA, NUCLEI, cpu_model, ihc_input, interleaved, lite_medsam_pair, markdown, pad_square,
                       reference_decoder, resize_longest, vit_b_pair)
 
 from biosam.automatic.data import nuclei_split, read_pair
@@ -48,41 +48,19 @@ def peak_rss_reset() -> bool:
         return False
 
 
-def peak_rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def extra_memory(fn: Step) -> float:
     """MiB by which one call of ``fn`` raises the peak resident memory above the resident memory before it."""
     if not peak_rss_reset():
         return float("nan")
-    before = rss_mib()
+    before = memory_status()["VmRSS"]
     fn()
-    return peak_rss_mib() - before
+    return (memory_status()["VmHWM"] - before) / 2**20
 
 
 def compare(ours: Step, ref: Step, reps: int) -> dict:
     """Median seconds of both (interleaved, alternating who goes first) and the memory each adds."""
-    ours(), ref()  # warm-up
-    times: dict[str, list[float]] = {"ours": [], "ref": []}
-    for rep in range(reps):
-        order = [("ours", ours), ("ref", ref)] if rep % 2 == 0 else [("ref", ref), ("ours", ours)]
-        for name, fn in order:
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {"ours": statistics.median(times["ours"]), "ref": statistics.median(times["ref"]),
-            "mem_ours": extra_memory(ours), "mem_ref": extra_memory(ref)}
+    t_ours, t_ref, _, _ = interleaved(ours, ref, reps)
+    return {"ours": t_ours, "ref": t_ref, "mem_ours": extra_memory(ours), "mem_ref": extra_memory(ref)}
 
 
 # ----------------------------------------------------------------------------- arithmetic

@@ -61,8 +61,7 @@ class Attention(nn.Module):
         Scores q W_k (k)^T: the key bias adds a constant per query row, which the softmax
         ignores. Values: A (v W_v^T + b_v) = (A v) W_v^T + b_v since the rows of A sum to 1.
         """
-        b, nq, _ = q.shape
-        heads = self.num_heads
+        nq, heads = q.shape[1], self.num_heads
         queries = self._split_heads(self.q_proj(q), q.shape[0])  # (bq, heads, nq, d)
         scale = queries.shape[-1] ** -0.5
         qk = torch.einsum("bhqd,hdc->bhqc", queries, self._head_weights(self.k_proj)) * scale

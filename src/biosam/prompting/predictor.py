@@ -11,14 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import xxhash
 from tqdm.auto import tqdm
 
 from biosam.errors import EmbeddingMismatchError, InputError
 from biosam.prompting.intensity import PERCENTILES, normalize_intensity, resolve_preset
 from biosam.prompting.preprocess import Frame, crop_to_low_res, logits_to_image, model_input
 from biosam.prompting.prompts import Prompt
-from biosam.prompting.store import EmbeddingStore, embedding_key
+from biosam.prompting.store import EmbeddingStore, embedding_key, image_hash
 from biosam.prompting.zoom import ZoomSettings, plan_crops
 
 logger = logging.getLogger(__name__)
@@ -59,15 +58,6 @@ class Prediction:
         for k in range(n):
             labels[masks[k, best[k]]] = k + 1
         return labels
-
-
-def image_hash(image: np.ndarray) -> str:
-    """Content hash of an image array (values, shape and dtype)."""
-    image = np.ascontiguousarray(image)
-    h = xxhash.xxh3_128()
-    h.update(f"{image.dtype.str}{image.shape}".encode())
-    h.update(memoryview(image).cast("B"))
-    return h.hexdigest()
 
 
 class Predictor:

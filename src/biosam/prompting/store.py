@@ -35,13 +35,20 @@ def model_signature(model: torch.nn.Module) -> dict:
             "precision": getattr(model, "precision", "fp32")}
 
 
+def image_hash(image: np.ndarray) -> str:
+    """Content hash of an image array (values, shape and dtype)."""
+    image = np.ascontiguousarray(image)
+    h = xxhash.xxh3_128()
+    h.update(f"{image.dtype.str}{image.shape}".encode())
+    h.update(memoryview(image).cast("B"))
+    return h.hexdigest()
+
+
 def embedding_key(rgb: np.ndarray, frame) -> bytes:
     """128-bit key of one model input: the normalised pixels and how they are placed in the input square."""
     h = xxhash.xxh3_128()
     h.update(f"{frame.image_shape}|{frame.input_size}|{frame.resized}|".encode())
-    pixels = np.ascontiguousarray(rgb, dtype=np.float32)
-    h.update(f"{pixels.shape}".encode())
-    h.update(memoryview(pixels).cast("B"))
+    h.update(image_hash(np.asarray(rgb, dtype=np.float32)).encode())
     return h.digest()
 
 

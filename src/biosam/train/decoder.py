@@ -36,7 +36,7 @@ from biosam.automatic.tiling import Tile, tile_grid
 from biosam.errors import InputError
 from biosam.evaluate import aggregate, instance_counts
 from biosam.prompting.intensity import normalize_intensity, resolve_preset
-from biosam.prompting.predictor import image_hash
+from biosam.prompting.store import image_hash
 from biosam.prompting.preprocess import Frame, model_input
 
 logger = logging.getLogger(__name__)
