@@ -179,8 +179,9 @@ def vit_b_rows(reps: int) -> tuple[list[list[str]], list[list[str]]]:
 def amg_rows() -> tuple[list[list[str]], list[list[str]]]:
     """32 x 32 point grid on a 1024 x 1024 crop of a real NIH3T3 image, LiteMedSAM weights on both sides.
 
-    LiteMedSAM was trained on box prompts; its single-point masks rarely pass Meta's default filters
-    (predicted IoU 0.88, stability 0.95), so both sides use 0.5 and 0.8 to have masks to compare.
+    LiteMedSAM was trained on box prompts: its three multimask outputs were never trained and its
+    single-point masks score low, so both sides decode the single-mask output and use lowered
+    thresholds (predicted IoU 0.3, stability 0.14), as the AMG fidelity test does, to have masks to compare.
     """
     from segment_anything import SamAutomaticMaskGenerator
     from segment_anything.modeling import Sam
@@ -197,10 +198,13 @@ def amg_rows() -> tuple[list[list[str]], list[list[str]]]:
     rgb = np.repeat(crop[..., None], 3, axis=-1)  # min-max (ours) equals /255 (reference wrapper below)
     # Meta's generator drives any Sam-shaped model; LiteMedSAM's input is the 0..1 image, padded.
     wrapper = Sam(ref.image_encoder, ref.prompt_encoder, ref.mask_decoder, pixel_mean=[0.0] * 3, pixel_std=[255.0] * 3)
-    thresholds = {"pred_iou_thresh": 0.5, "stability_score_thresh": 0.8}
+    thresholds = {"pred_iou_thresh": 0.3, "stability_score_thresh": 0.14}
     generator = SamAutomaticMaskGenerator(wrapper.eval(), points_per_side=32, points_per_batch=64, **thresholds)
+    decode = generator.predictor.predict_torch
+    generator.predictor.predict_torch = lambda *a, **kw: decode(*a, **{**kw, "multimask_output": False})
     predictor = Predictor(ours)
-    settings = AmgSettings(points_per_side=32, points_per_batch=64, max_mask_area_fraction=1.0, **thresholds)
+    settings = AmgSettings(points_per_side=32, points_per_batch=64, max_mask_area_fraction=1.0, multimask=False,
+                           **thresholds)
 
     # Warm-up on a 4 x 4 grid, then one timed 32 x 32 run each (the reference takes minutes).
     generate_masks(predictor, rgb, AmgSettings(points_per_side=4, max_mask_area_fraction=1.0))
@@ -208,9 +212,25 @@ def amg_rows() -> tuple[list[list[str]], list[list[str]]]:
     start = time.perf_counter()
     ours_masks = [m.mask for m in generate_masks(predictor, rgb, settings)]
     t_ours = time.perf_counter() - start
+    # The reference decodes our embedding (its own resize of the image differs in the last bits, which
+    # flips masks sitting at these low thresholds), so the masks compare the generator alone; its own
+    # embedding time is measured separately and added.
+    start = time.perf_counter()
+    generator.predictor.set_image(rgb)
+    t_ref_embed = time.perf_counter() - start
+    predictor_ref = generator.predictor
+
+    def set_image(image, image_format="RGB"):
+        predictor_ref.reset_image()
+        predictor_ref.features = predictor.embedding
+        predictor_ref.original_size = image.shape[:2]
+        predictor_ref.input_size = predictor.frame.resized
+        predictor_ref.is_image_set = True
+
+    predictor_ref.set_image = set_image
     start = time.perf_counter()
     ref_masks = [m["segmentation"] for m in generator.generate(rgb)]
-    t_ref = time.perf_counter() - start
+    t_ref = time.perf_counter() - start + t_ref_embed
     r = {"ours": t_ours, "ref": t_ref, "mem_ours": float("nan"), "mem_ref": float("nan")}
     best = []
     for m in ref_masks:

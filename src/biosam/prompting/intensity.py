@@ -98,3 +98,26 @@ def normalize_intensity(image: np.ndarray, intensity: str = "auto") -> np.ndarra
         return _apply(image[..., :3], preset)
     composite = np.mean([_apply(image[..., c], preset) for c in range(channels)], axis=0)
     return np.repeat(composite[..., None], 3, axis=-1).astype(np.float32)
+
+
+def volume_normalizer(volume, intensity: str = "auto", samples: int = 16):
+    """A function mapping each grayscale slice of ``volume`` to [0, 255] float32 with one window for all slices.
+
+    Per-slice percentiles would make the same structure brighter or darker from
+    slice to slice, which confuses propagation; the window is computed once from
+    up to ``samples`` evenly spaced slices (``volume`` may be a lazy array
+    indexed by its first axis). Multichannel slices fall back to per-slice
+    :func:`normalize_intensity`.
+    """
+    preset = resolve_preset(intensity, np.dtype(volume.dtype))
+    if len(volume.shape) != 3 or preset not in ("percentile", "minmax"):
+        return lambda plane: normalize_intensity(plane, preset)
+    picks = np.unique(np.linspace(0, volume.shape[0] - 1, min(samples, volume.shape[0])).round().astype(int))
+    sample = np.concatenate([np.asarray(volume[int(z)], dtype=np.float32).reshape(-1) for z in picks])
+    if not np.isfinite(sample).all():
+        raise InputError("volume contains NaN or infinite values; replace them (e.g. with 0) before segmenting.")
+    step = max(1, sample.size // _MAX_PERCENTILE_SAMPLES)
+    lo, hi = np.percentile(sample[::step], PERCENTILES) if preset == "percentile" else (sample.min(), sample.max())
+    if hi <= lo:
+        lo, hi = float(sample.min()), float(sample.max())
+    return lambda plane: _scale(np.asarray(plane), float(lo), float(hi))

@@ -1,0 +1,218 @@
+"""Prompted 3D segmentation: objects prompted on some slices are followed through the volume.
+
+SAM v1 models (LiteMedSAM, MedSAM, SAM, micro-sam) see one slice at a time, so
+an object is carried from slice to slice by turning its mask on the last slice
+into a prompt for the next (its box, an interior point, its logits, or box and
+logits), the way micro-sam and MedSAM's 3D inference work. Every slice is
+embedded once per sweep, for all objects on it together, and small objects get
+the predictor's zoomed crops. An object stops where it ends: the predicted IoU
+falls below a threshold, its area collapses or explodes, or the new mask no
+longer overlaps the previous one.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+import numpy as np
+from scipy import ndimage as ndi
+from tqdm.auto import tqdm
+
+from biosam.errors import InputError
+from biosam.prompting.intensity import volume_normalizer
+from biosam.prompting.predictor import Predictor
+from biosam.prompting.prompts import Prompt
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PROJECTIONS", "PropagationSettings", "VolumeSegmentation", "segment_volume"]
+
+PROJECTIONS = ("box", "box+mask", "points", "mask")
+
+
+@dataclass(frozen=True)
+class PropagationSettings:
+    """How objects are carried between slices and when they stop.
+
+    ``projection``: the prompt made from an object's mask on the previous slice:
+    ``box`` (its bounding box enlarged by ``box_margin`` of its side, at least
+    2 px; best for box-trained models such as MedSAM/LiteMedSAM), ``box+mask``
+    (also its logits), ``points`` (one point at its innermost pixel) or
+    ``mask`` (its logits alone). An object stops when its predicted IoU is
+    below ``min_score``, its area is below ``min_area`` pixels, below
+    ``collapse`` or above ``growth`` times its area on the previous slice, or
+    its IoU with the previous slice's mask is below ``min_overlap``.
+    ``zoom`` is the predictor's small-object zoom (``auto``, ``on``, ``off``).
+    """
+
+    projection: str = "box"
+    box_margin: float = 0.05
+    min_score: float = 0.5
+    min_area: int = 10
+    collapse: float = 0.25
+    growth: float = 4.0
+    min_overlap: float = 0.2
+    zoom: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.projection not in PROJECTIONS:
+            raise InputError(f"projection must be one of {', '.join(PROJECTIONS)}, got {self.projection!r}.")
+        if not (0.0 < self.collapse < 1.0 < self.growth):
+            raise InputError(f"need 0 < collapse < 1 < growth, got collapse={self.collapse}, growth={self.growth}.")
+        for name in ("min_score", "min_overlap"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise InputError(f"{name} must lie in [0, 1], got {getattr(self, name)}.")
+
+
+@dataclass
+class VolumeSegmentation:
+    """Result of :func:`segment_volume` for ``n`` objects in a ``(Z, Y, X)`` volume.
+
+    ``labels``: object ``k`` (prompt order) has label ``k + 1``; where objects
+    overlap, the later one is drawn. ``scores``: ``(n, Z)`` predicted IoU per
+    slice, NaN where the object is absent. ``z_range``: ``(n, 2)`` first and
+    last slice of each object.
+    """
+
+    labels: np.ndarray
+    scores: np.ndarray
+    z_range: np.ndarray
+
+
+@dataclass
+class _Track:
+    mask: np.ndarray
+    logits: np.ndarray
+    area: int
+
+
+def _check(volume, prompts: list[Prompt]) -> tuple[int, int, int]:
+    shape = tuple(volume.shape)
+    if len(shape) not in (3, 4) or (len(shape) == 4 and shape[-1] > 4):
+        raise InputError(
+            f"expected a volume (Z, Y, X) or (Z, Y, X, C), got shape {shape}; "
+            "for a single 2D image use biosam.Predictor (or `biosam segment`)."
+        )
+    depth = shape[0]
+    if not prompts:
+        raise InputError("no objects to segment: give at least one prompt with a slice index \"z\".")
+    for i, prompt in enumerate(prompts):
+        if prompt.z is None:
+            raise InputError(f"object {i} has no slice index \"z\"; every prompt of a volume must say which slice it is on.")
+        if not 0 <= int(prompt.z) < depth:
+            raise InputError(f"object {i} is on slice z={prompt.z}, but the volume has {depth} slices (z = 0..{depth - 1}).")
+    return depth, shape[1], shape[2]
+
+
+def _projection(track: _Track, settings: PropagationSettings, z: int) -> Prompt:
+    """The prompt for the next slice made from an object's mask on this one."""
+    ys, xs = np.nonzero(track.mask)
+    h, w = track.mask.shape
+    box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float64)
+    pad = np.maximum(2.0, settings.box_margin * (box[2:] - box[:2]))
+    box = np.clip(box + np.concatenate([-pad, pad]), 0, [w, h, w, h])
+    if settings.projection == "box":
+        return Prompt(box=box, z=z)
+    if settings.projection == "box+mask":
+        return Prompt(box=box, mask=track.logits, z=z)
+    if settings.projection == "mask":
+        return Prompt(mask=track.logits, z=z)
+    # the innermost pixel lies well inside even a thin or concave object
+    y0, x0, y1, x1 = int(box[1]), int(box[0]), int(box[3]), int(box[2])
+    depth = ndi.distance_transform_edt(np.pad(track.mask[y0:y1, x0:x1], 1))[1:-1, 1:-1]
+    y, x = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    return Prompt(points=np.array([[x0 + x + 0.5, y0 + y + 0.5]]), point_labels=np.array([1]), z=z)
+
+
+def _stops(track: _Track, mask: np.ndarray, score: float, settings: PropagationSettings) -> str | None:
+    area = int(mask.sum())
+    if score < settings.min_score:
+        return f"predicted IoU {score:.2f} < {settings.min_score}"
+    if area < settings.min_area:
+        return f"area {area} px < {settings.min_area}"
+    if area < settings.collapse * track.area or area > settings.growth * track.area:
+        return f"area changed from {track.area} to {area} px"
+    inter = np.logical_and(mask, track.mask).sum()
+    if inter / (area + track.area - inter) < settings.min_overlap:
+        return "no overlap with the previous slice"
+    return None
+
+
+def segment_volume(
+    predictor: Predictor,
+    volume,
+    prompts: list[Prompt],
+    settings: PropagationSettings | None = None,
+    *,
+    intensity: str = "auto",
+    progress: bool = True,
+) -> VolumeSegmentation:
+    """Segment objects in 3D from prompts on one or more slices.
+
+    ``volume`` is ``(Z, Y, X)`` (or ``(Z, Y, X, C)``), a NumPy array or any
+    lazy array indexed by slice (Zarr, memory-mapped MRC). Each :class:`Prompt`
+    is one object and needs ``z``, its slice. Objects are followed forward and
+    backward from their slice until they end (see :class:`PropagationSettings`).
+    One intensity window (``intensity`` preset) is used for the whole volume.
+    """
+    settings = settings or PropagationSettings()
+    depth, height, width = _check(volume, prompts)
+    prompts = [p.validate((height, width)) for p in prompts]
+    normalize = volume_normalizer(volume, intensity)
+    n = len(prompts)
+    labels = np.zeros((depth, height, width), dtype=np.uint16 if n < 65535 else np.uint32)
+    scores = np.full((n, depth), np.nan, dtype=np.float32)
+    starts: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        starts.setdefault(int(p.z), []).append(i)
+    seeds: dict[int, _Track] = {}  # each object's prompted slice, segmented in the forward sweep
+
+    for step in (1, -1):
+        first = min(starts) if step == 1 else max(starts)
+        stop = depth if step == 1 else -1
+        active: dict[int, _Track] = {}
+        bar = tqdm(range(first, stop, step), desc="forward" if step == 1 else "backward", disable=not progress,
+                   leave=False)
+        for z in bar:
+            new = starts.get(z, [])
+            if step == -1:  # prompted slices were segmented going forward
+                active.update({i: seeds[i] for i in new if i in seeds})
+                new = []
+            carried = list(active)
+            if not new and not carried:
+                if (step == 1 and z > max(starts)) or (step == -1 and z < min(starts)):
+                    break
+                continue
+            bar.set_postfix(objects=len(new) + len(carried))
+            asked = [replace(prompts[i], z=z) for i in new] + [_projection(active[i], settings, z) for i in carried]
+            predictor.set_image(normalize(volume[z]), intensity="none")
+            result = predictor.predict_prompts(asked, zoom=settings.zoom)
+            kept = []
+            for k, i in enumerate(new + carried):
+                mask, score = result.masks[k, 0], float(result.scores[k, 0])
+                logits = result.low_res_logits[k, 0]
+                if i in active:
+                    reason = _stops(active[i], mask, score, settings)
+                    if reason:
+                        logger.debug("object %d ends before slice %d: %s", i, z, reason)
+                        del active[i]
+                        continue
+                elif not mask.any():
+                    logger.warning("object %d: its prompt on slice %d gives an empty mask", i, z)
+                    continue
+                track = _Track(mask, logits, int(mask.sum()))
+                active[i] = track
+                if i in new:
+                    seeds[i] = track
+                scores[i, z] = score
+                kept.append(i)
+            for i in sorted(kept):  # later objects over earlier ones, as in 2D
+                labels[z][active[i].mask] = i + 1
+        bar.close()
+    present = ~np.isnan(scores)
+    z_range = np.full((n, 2), -1, dtype=np.int64)
+    found = present.any(axis=1)
+    z_range[found, 0] = present[found].argmax(axis=1)
+    z_range[found, 1] = depth - 1 - present[found, ::-1].argmax(axis=1)
+    return VolumeSegmentation(labels, scores, z_range)
