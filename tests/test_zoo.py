@@ -97,7 +97,7 @@ def test_registry_entries_are_consistent():
         if spec.family in SAM_V1_FAMILIES or spec.family == "decoder":
             assert spec.architecture in CONFIG_KEYS, spec.name
         if spec.family == "sam2":
-            assert spec.architecture.startswith("hiera_") and not spec.supported, spec.name
+            assert spec.architecture.startswith("hiera_") and spec.supported, spec.name
         if spec.family == "decoder":
             assert not spec.supported and spec.name.endswith("_decoder")
             assert spec.architecture == REGISTRY[spec.name.removesuffix("_decoder")].architecture
@@ -158,8 +158,6 @@ def test_resolve_existing_file_and_folder(tmp_path, monkeypatch):
 
 
 def test_resolve_unsupported_families():
-    with pytest.raises(UnsupportedModelError, match="SAM 2 models are listed but not supported yet"):
-        resolve_checkpoint("sam2.1_hiera_large")
     with pytest.raises(UnsupportedModelError, match="use 'vit_b_lm'"):
         resolve_checkpoint("vit_b_lm_decoder")
 
@@ -217,7 +215,7 @@ def test_describe_models(tmp_path, monkeypatch):
     assert rows["lite_medsam"]["cached"] and rows["vit_b_lm"]["cached"]
     assert not rows["vit_b"]["cached"]
     assert rows["vit_h"]["size_mb"] == pytest.approx(2564, rel=0.01)
-    assert not rows["medsam2"]["supported"]
+    assert rows["medsam2"]["supported"] and not rows["vit_b_lm_decoder"]["supported"]
     json.dumps(list(rows.values()))  # plain data, ready for the CLI
 
 

@@ -163,6 +163,11 @@ def _from_micro_sam(path: Path, state: Mapping[str, torch.Tensor], bundled: bool
 
 def check_compatible(decoder: InstanceDecoder, model: torch.nn.Module) -> None:
     """Refuse a decoder trained on another image encoder than ``model``'s (a fresh decoder passes)."""
+    if getattr(model, "info", None) is not None and model.info.preprocessing == "sam2":
+        raise DecoderMismatchError(
+            f"'{model.info.name}' is a SAM 2 model; instance decoders read SAM v1 image embeddings. "
+            "Use automatic mask generation with SAM 2 models (`biosam auto --mode amg`)."
+        )
     expected = (decoder.info or {}).get("encoder")
     if expected is None or expected.get("checkpoint_hash") is None:
         # A fresh decoder, or one whose encoder is not recorded: only its output size can be checked.

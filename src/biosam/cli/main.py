@@ -12,6 +12,7 @@ import numpy as np
 
 from biosam.errors import BiosamError
 from biosam.models import CheckpointError
+from biosam.prompting.preprocess import PREPROCESSINGS
 from biosam.cli.common import check_overlay, input_options, write_overlay
 from biosam.zoo.errors import ZooError
 
@@ -97,7 +98,7 @@ def _slices(prompts, meta, z: int | None) -> dict[int | None, list[int]]:
 @click.option("--multimask", is_flag=True, help="Predict 3 masks per object and keep the best-scored one.")
 @click.option("--z", type=int, default=None, help="Slice of a volume to segment (objects in --prompts may give their own \"z\").")
 @input_options
-@click.option("--preprocessing", type=click.Choice(["sam", "medsam", "lite_medsam"]), default=None,
+@click.option("--preprocessing", type=click.Choice(list(PREPROCESSINGS)), default=None,
               help="Override the preprocessing of a checkpoint file that is not in the zoo.")
 def segment(image, output, boxes, points, prompts_file, zoom, multimask, z, intensity, t, channel, axes, level, series,
             model, device, precision, embeddings, overlay, as_json, overwrite, preprocessing) -> None:

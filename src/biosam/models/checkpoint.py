@@ -147,7 +147,7 @@ def infer_config(state_dict: Mapping[str, Tensor]) -> SamConfig:
     elif any(key.startswith(("image_encoder.trunk.", "sam_mask_decoder.")) for key in state_dict):
         raise CheckpointError(
             "this looks like a SAM 2 checkpoint (image_encoder.trunk.* / sam_mask_decoder.* keys), "
-            "which is not supported yet; expected a SAM v1 state dict"
+            "not a SAM v1 state dict; load it with biosam.load_model or biosam.models.sam2.checkpoint.load_sam2_checkpoint"
         )
     else:
         raise CheckpointError(
@@ -163,14 +163,17 @@ def infer_config(state_dict: Mapping[str, Tensor]) -> SamConfig:
     return infer(state_dict)
 
 
-def load_sam_checkpoint(path: str | os.PathLike, config: SamConfig | None = None) -> Sam:
+def load_sam_checkpoint(
+    path: str | os.PathLike, config: SamConfig | None = None, state: dict[str, Tensor] | None = None
+) -> Sam:
     """Build the model for a checkpoint and load every tensor (eval mode, CPU).
 
     ``config`` defaults to the architecture inferred from the file. Missing, unexpected or
-    mis-shaped tensors raise :class:`CheckpointError` listing them.
+    mis-shaped tensors raise :class:`CheckpointError` listing them. ``state``: the file's
+    tensors when the caller has already read them with :func:`read_state_dict`.
     """
     path = Path(path)
-    state = read_state_dict(path)
+    state = read_state_dict(path) if state is None else state
     if config is None:
         try:
             config = infer_config(state)

@@ -15,6 +15,9 @@ the whole image:
      min-max to [0, 1].
    - ``lite_medsam``: resize the longest side to the model size, min-max to
      [0, 1], pad bottom/right with zeros.
+   - ``sam2`` (SAM 2 / 2.1, MedSAM2): square resize to the model size (aspect
+     ratio not kept), scale to [0, 1], subtract the ImageNet mean and divide by
+     the std (0-1 scale).
 
 Resampling uses torch's antialiased bilinear (bicubic for MedSAM) interpolation
 in place of the authors' PIL/OpenCV/scikit-image calls.
@@ -30,10 +33,16 @@ import torch.nn.functional as F
 
 from biosam.errors import InputError
 
-PREPROCESSINGS = ("sam", "medsam", "lite_medsam")
+PREPROCESSINGS = ("sam", "medsam", "lite_medsam", "sam2")
 _SAM_MEAN = (123.675, 116.28, 103.53)
 _SAM_STD = (58.395, 57.12, 57.375)
-LOW_RES = 256  # side of the mask decoder's logits for every SAM v1 model
+_SAM2_MEAN = (0.485, 0.456, 0.406)
+_SAM2_STD = (0.229, 0.224, 0.225)
+# Preprocessings that stretch the image to the square input instead of padding it.
+_SQUARE = ("medsam", "sam2")
+# Side of the decoder logits the prompting code exchanges: every SAM v1 model's, and SAM 2's at
+# 1024 px (a 512 px SAM 2 model's 128 px logits are handed over repeated 2x, see logits_to_image).
+LOW_RES = 256
 
 
 @dataclass(frozen=True)
@@ -53,7 +62,7 @@ class Frame:
         """The frame of an image; with ``extent``, a smaller image is scaled as if it were the top-left part
         of an ``extent``-pixel square (so an edge tile keeps the scale of a full tile) instead of enlarged."""
         h, w = image_shape
-        if preprocessing == "medsam":
+        if preprocessing in _SQUARE:
             return cls((h, w), input_size, (input_size, input_size))
         scale = input_size / max(h, w, extent or 0)
         # Same rounding as the reference ResizeLongestSide transform.
@@ -90,6 +99,10 @@ def model_input(rgb: np.ndarray, frame: Frame, preprocessing: str) -> torch.Tens
         mean = torch.tensor(_SAM_MEAN).view(1, 3, 1, 1)
         std = torch.tensor(_SAM_STD).view(1, 3, 1, 1)
         x = (x - mean) / std
+    elif preprocessing == "sam2":
+        mean = torch.tensor(_SAM2_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(_SAM2_STD).view(1, 3, 1, 1)
+        x = (x / 255.0 - mean) / std
     else:
         x = _minmax(x)
     s = frame.input_size
@@ -98,8 +111,14 @@ def model_input(rgb: np.ndarray, frame: Frame, preprocessing: str) -> torch.Tens
 
 def logits_to_image(low_res: torch.Tensor, frame: Frame, preprocessing: str) -> torch.Tensor:
     """Resample ``(N, C, 256, 256)`` decoder logits to ``(N, C, H, W)`` image logits."""
-    if preprocessing == "medsam":
-        # MedSAM's authors resize the low-resolution logits straight to the image size.
+    if preprocessing == "sam2":
+        native = frame.input_size // 4
+        if low_res.shape[-1] > native and low_res.shape[-1] % native == 0:
+            # A 512 px model's logits, repeated 2x onto the 256 px frame: take the originals back.
+            step = low_res.shape[-1] // native
+            low_res = low_res[..., ::step, ::step]
+    if preprocessing in _SQUARE:
+        # MedSAM's and SAM 2's authors resize the low-resolution logits straight to the image size.
         return F.interpolate(low_res, size=frame.image_shape, mode="bilinear", align_corners=False)
     s = frame.input_size
     x = F.interpolate(low_res, size=(s, s), mode="bilinear", align_corners=False)

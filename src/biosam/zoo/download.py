@@ -67,11 +67,6 @@ def require_supported(spec: ModelSpec) -> None:
     """Raise UnsupportedModelError for registry entries this version cannot run."""
     if spec.supported:
         return
-    if spec.family == "sam2":
-        raise UnsupportedModelError(
-            f"{spec.name!r} is a SAM 2 model: SAM 2 models are listed but not supported yet in "
-            "this version of biosam. Use a SAM v1 model such as vit_b_lm, medsam or lite_medsam."
-        )
     if spec.family == "decoder":
         base = spec.name.removesuffix("_decoder")
         raise UnsupportedModelError(

@@ -97,11 +97,10 @@ def _decoder(base: str, arch: str, url: str, xxh128: str) -> ModelSpec:
 
 def _sam2(name: str, trunk: str, domain: str, url: str, filename: str,
           defaults: Mapping[str, Any] = _SAM_DEFAULTS) -> ModelSpec:
-    # No hashes are published for SAM 2 files; they are listed but not runnable yet.
+    # Meta and the MedSAM2 authors publish no hashes for these files.
     return ModelSpec(name=name, family="sam2", architecture=f"hiera_{trunk}", domain=domain,
                      url=url, known_hash=None, filename=filename,
-                     size_mb=_mb(_SAM2_PARAMS_M[trunk]), preprocessing="sam2",
-                     defaults=defaults, supported=False)
+                     size_mb=_mb(_SAM2_PARAMS_M[trunk]), preprocessing="sam2", defaults=defaults)
 
 
 def _micro_sam(name: str, arch: str, domain: str, url: str, xxh128: str) -> ModelSpec:
