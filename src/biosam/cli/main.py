@@ -201,10 +201,12 @@ def _register() -> None:
     from biosam.cli.auto import auto
     from biosam.cli.evaluate import evaluate
     from biosam.cli.train import train
+    from biosam.cli.volume import volume
 
     main.add_command(auto)
     main.add_command(evaluate)
     main.add_command(train)
+    main.add_command(volume)
 
 
 _register()

@@ -7,7 +7,7 @@ from scipy.optimize import linear_sum_assignment
 
 from biosam.errors import InputError
 
-__all__ = ["link_slices"]
+__all__ = ["SliceLinker", "link_slices"]
 
 
 def _overlaps(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -20,6 +20,49 @@ def _overlaps(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
     area_a = np.bincount(a.ravel(), minlength=int(la.max()) + 1)
     area_b = np.bincount(b.ravel(), minlength=int(lb.max()) + 1)
     return la, lb, inter / (area_a[la] + area_b[lb] - inter)
+
+
+class SliceLinker:
+    """Links 2D instance labels slice by slice into 3D objects (see :func:`link_slices`).
+
+    Feed the slices in order to :meth:`add`; each call returns that slice with
+    3D ids, so a volume can be written as it is segmented.
+    """
+
+    def __init__(self, min_iou: float = 0.3) -> None:
+        if not 0.0 < min_iou <= 1.0:
+            raise InputError(f"min_iou must lie in (0, 1], got {min_iou}.")
+        self.min_iou = min_iou
+        self.count = 0
+        self._previous: np.ndarray | None = None
+        self._ids: dict[int, int] = {}
+
+    def add(self, labels: np.ndarray) -> np.ndarray:
+        """The next slice's 2D instance labels -> the same slice with 3D object ids (int64)."""
+        labels = np.asarray(labels).astype(np.int64, copy=False)
+        current = np.unique(labels)
+        current = current[current > 0]
+        ids: dict[int, int] = {}
+        if self._previous is not None and self._ids and current.size:
+            la, lb, iou = _overlaps(self._previous, labels)
+            keep = iou >= self.min_iou
+            la, lb, iou = la[keep], lb[keep], iou[keep]
+            if iou.size:
+                rows, row_of = np.unique(la, return_inverse=True)
+                cols, col_of = np.unique(lb, return_inverse=True)
+                score = np.zeros((rows.size, cols.size))
+                score[row_of, col_of] = iou
+                for r, c in zip(*linear_sum_assignment(score, maximize=True)):
+                    if score[r, c] > 0:
+                        ids[int(cols[c])] = self._ids[int(rows[r])]
+        lut = np.zeros(int(current.max()) + 1 if current.size else 1, dtype=np.int64)
+        for label in current:
+            if int(label) not in ids:
+                self.count += 1
+                ids[int(label)] = self.count
+            lut[label] = ids[int(label)]
+        self._previous, self._ids = labels, ids
+        return lut[labels]
 
 
 def link_slices(labels: np.ndarray, min_iou: float = 0.3) -> np.ndarray:
@@ -35,38 +78,6 @@ def link_slices(labels: np.ndarray, min_iou: float = 0.3) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.ndim != 3:
         raise InputError(f"link_slices needs a (Z, Y, X) stack of 2D label images, got shape {labels.shape}.")
-    if not 0.0 < min_iou <= 1.0:
-        raise InputError(f"min_iou must lie in (0, 1], got {min_iou}.")
-    labels = labels.astype(np.int64, copy=False)
-    out = np.zeros(labels.shape, dtype=np.int64)
-    next_id = 1
-    ids_prev: dict[int, int] = {}
-    for z in range(labels.shape[0]):
-        current = np.unique(labels[z])
-        current = current[current > 0]
-        ids: dict[int, int] = {}
-        if z > 0 and ids_prev and current.size:
-            la, lb, iou = _overlaps(labels[z - 1], labels[z])
-            keep = iou >= min_iou
-            la, lb, iou = la[keep], lb[keep], iou[keep]
-            if iou.size:
-                rows, row_of = np.unique(la, return_inverse=True)
-                cols, col_of = np.unique(lb, return_inverse=True)
-                score = np.zeros((rows.size, cols.size))
-                score[row_of, col_of] = iou
-                r, c = linear_sum_assignment(score, maximize=True)
-                for i, j in zip(r, c):
-                    if score[i, j] > 0:
-                        ids[int(cols[j])] = ids_prev[int(rows[i])]
-        for label in current:
-            if int(label) not in ids:
-                ids[int(label)] = next_id
-                next_id += 1
-        if current.size:
-            lut = np.zeros(int(current.max()) + 1, dtype=np.int64)
-            for label, obj in ids.items():
-                lut[label] = obj
-            out[z] = lut[labels[z]]
-        ids_prev = ids
-    dtype = np.uint16 if next_id <= np.iinfo(np.uint16).max else np.uint32
-    return out.astype(dtype)
+    linker = SliceLinker(min_iou)
+    out = np.stack([linker.add(plane) for plane in labels]) if len(labels) else labels.astype(np.int64)
+    return out.astype(np.uint16 if linker.count <= np.iinfo(np.uint16).max else np.uint32)

@@ -42,7 +42,9 @@ class PropagationSettings:
     ``mask`` (its logits alone). An object stops when its predicted IoU is
     below ``min_score``, its area is below ``min_area`` pixels, below
     ``collapse`` or above ``growth`` times its area on the previous slice, or
-    its IoU with the previous slice's mask is below ``min_overlap``.
+    its IoU with the previous slice's mask is below ``min_overlap``, or less than
+    ``min_own`` of its mask is left after objects nearer their prompted slice
+    took their pixels (objects never share pixels).
     ``zoom`` is the predictor's small-object zoom (``auto``, ``on``, ``off``).
     """
 
@@ -52,7 +54,8 @@ class PropagationSettings:
     min_area: int = 10
     collapse: float = 0.25
     growth: float = 4.0
-    min_overlap: float = 0.2
+    min_overlap: float = 0.5
+    min_own: float = 0.5
     zoom: str = "auto"
 
     def __post_init__(self) -> None:
@@ -60,7 +63,7 @@ class PropagationSettings:
             raise InputError(f"projection must be one of {', '.join(PROJECTIONS)}, got {self.projection!r}.")
         if not (0.0 < self.collapse < 1.0 < self.growth):
             raise InputError(f"need 0 < collapse < 1 < growth, got collapse={self.collapse}, growth={self.growth}.")
-        for name in ("min_score", "min_overlap"):
+        for name in ("min_score", "min_overlap", "min_own"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise InputError(f"{name} must lie in [0, 1], got {getattr(self, name)}.")
 
@@ -69,8 +72,8 @@ class PropagationSettings:
 class VolumeSegmentation:
     """Result of :func:`segment_volume` for ``n`` objects in a ``(Z, Y, X)`` volume.
 
-    ``labels``: object ``k`` (prompt order) has label ``k + 1``; where objects
-    overlap, the later one is drawn. ``scores``: ``(n, Z)`` predicted IoU per
+    ``labels``: object ``k`` (prompt order) has label ``k + 1``; where two
+    objects' masks overlap, the one nearer its prompted slice keeps the pixels. ``scores``: ``(n, Z)`` predicted IoU per
     slice, NaN where the object is absent. ``z_range``: ``(n, 2)`` first and
     last slice of each object.
     """
@@ -188,27 +191,33 @@ def segment_volume(
             asked = [replace(prompts[i], z=z) for i in new] + [_projection(active[i], settings, z) for i in carried]
             predictor.set_image(normalize(volume[z]), intensity="none")
             result = predictor.predict_prompts(asked, zoom=settings.zoom)
-            kept = []
-            for k, i in enumerate(new + carried):
+            order = new + carried
+            # Objects may not share pixels: the one nearer its prompted slice keeps them, and a carried
+            # object that lost most of its mask has run into a neighbour (its own end was passed).
+            rank = sorted(range(len(order)), key=lambda k: (abs(z - int(prompts[order[k]].z)), -result.scores[k, 0]))
+            claimed = np.zeros((height, width), dtype=bool)
+            for k in rank:
+                i = order[k]
                 mask, score = result.masks[k, 0], float(result.scores[k, 0])
-                logits = result.low_res_logits[k, 0]
+                own = mask & ~claimed
                 if i in active:
-                    reason = _stops(active[i], mask, score, settings)
+                    reason = _stops(active[i], own, score, settings)
+                    if reason is None and own.sum() < settings.min_own * mask.sum():
+                        reason = "ran into another object"
                     if reason:
                         logger.debug("object %d ends before slice %d: %s", i, z, reason)
                         del active[i]
                         continue
-                elif not mask.any():
+                elif not own.any():
                     logger.warning("object %d: its prompt on slice %d gives an empty mask", i, z)
                     continue
-                track = _Track(mask, logits, int(mask.sum()))
+                track = _Track(own, result.low_res_logits[k, 0], int(own.sum()))
                 active[i] = track
                 if i in new:
                     seeds[i] = track
+                claimed |= own
+                labels[z][own] = i + 1
                 scores[i, z] = score
-                kept.append(i)
-            for i in sorted(kept):  # later objects over earlier ones, as in 2D
-                labels[z][active[i].mask] = i + 1
         bar.close()
     present = ~np.isnan(scores)
     z_range = np.full((n, 2), -1, dtype=np.int64)

@@ -1,0 +1,112 @@
+"""`biosam volume`: follow prompted objects through the slices of a volume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import numpy as np
+
+from biosam.cli.common import check_overlay, input_options, write_overlay
+from biosam.volume.propagate import PROJECTIONS
+
+
+class _Slices:
+    """A volume read one slice at a time: ``(Z, Y, X[, C])`` indexed by ``z``."""
+
+    def __init__(self, data, meta, t: int | None, channel: int | None) -> None:
+        from biosam.io import read_plane
+
+        self._read = lambda z: read_plane(data, meta, z, t, channel)
+        first = self._read(0)
+        self.shape = (meta.shape[meta.axes.index("Z")], *first.shape)
+        self.dtype = first.dtype
+
+    def __getitem__(self, z: int) -> np.ndarray:
+        return self._read(int(z))
+
+
+def _check_prompts(prompts, prompts_file: Path, image: str, depth: int) -> None:
+    for i, prompt in enumerate(prompts):
+        if prompt.z is None:
+            raise click.UsageError(f'object {i} in {prompts_file} has no "z": say which slice each object is on.')
+        if prompt.z >= depth:
+            raise click.UsageError(
+                f"object {i} in {prompts_file} is on slice z={prompt.z}, but {image} has {depth} slices "
+                f"(z = 0..{depth - 1})."
+            )
+
+
+@click.command("volume")
+@click.argument("image", type=str)
+@click.option("-o", "--output", required=True, type=str,
+              help="3D label volume to write (.tif, .ome.tif, .mrc, .nii.gz, .zarr, copick://), in IMAGE's geometry.")
+@click.option("--prompts", "prompts_file", required=True, type=click.Path(path_type=Path),
+              help='JSON list of objects, each on a slice: [{"box": [x0,y0,x1,y1], "points": [[x,y,label]], "z": 12}, ...].')
+@click.option("--projection", type=click.Choice(PROJECTIONS), default="box", show_default=True,
+              help="Prompt carried from slice to slice: the last mask's box, box and logits, an interior point, or logits.")
+@click.option("--min-score", type=float, default=0.5, show_default=True,
+              help="An object ends where its predicted IoU falls below this.")
+@click.option("--min-overlap", type=float, default=0.5, show_default=True,
+              help="An object ends where its mask overlaps the previous slice's by less than this IoU.")
+@click.option("--zoom", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Segment small objects in a zoomed crop (auto), always, or never.")
+@input_options
+def volume(image, output, prompts_file, projection, min_score, min_overlap, zoom, intensity, t, channel, axes, level,
+           series, model, device, precision, embeddings, overlay, as_json, overwrite) -> None:
+    """Segment objects in 3D: each object is prompted on one slice and followed forward and backward.
+
+    IMAGE is a volume (TIFF stack, MRC, NIfTI, DICOM series, Zarr/OME-Zarr,
+    copick://...). OUTPUT gets label k for the k-th object of --prompts; an
+    object ends where the model loses it (score, overlap, area) or where it runs
+    into an object nearer its own prompted slice.
+    """
+    import time
+
+    from biosam import Predictor, load_model, read_prompts
+    from biosam.io import check_labels_output, open_labels, plane_index, read_image
+    from biosam.io.overlay import render_overlay
+    from biosam.prompting.intensity import volume_normalizer
+    from biosam.volume import PropagationSettings, segment_volume
+
+    start = time.perf_counter()
+    prompts = read_prompts(prompts_file)
+    check_overlay(overlay, output, overwrite)
+    data, meta = read_image(image, axes=axes, level=level, series_uid=series)
+    depth = meta.shape[meta.axes.index("Z")] if "Z" in meta.axes else 1
+    if depth < 2:
+        raise click.UsageError(
+            f"{image} is not a volume (axes {meta.axes}, shape {tuple(meta.shape)}); `biosam volume` follows objects "
+            "through slices. Use `biosam segment` for a 2D image (or --axes if a stack was read as channels)."
+        )
+    _check_prompts(prompts, prompts_file, image, depth)
+    check_labels_output(output, meta, overwrite)
+    plane_index(meta, 0, t, channel)  # refuse a bad --t/--channel before the model loads
+    settings = PropagationSettings(projection=projection, min_score=min_score, min_overlap=min_overlap, zoom=zoom)
+    predictor = Predictor(load_model(model, device=device, precision=precision), store=embeddings)
+    slices = _Slices(data, meta, t, channel)
+    result = segment_volume(predictor, slices, prompts, settings, intensity=intensity)
+    labels_meta = meta.labels_meta()
+    with open_labels(output, meta, result.labels.dtype, overwrite=overwrite) as out:
+        for z in range(depth):
+            out[plane_index(labels_meta, z, t)] = result.labels[z]
+    if overlay is not None:
+        z = int(prompts[0].z)
+        pixels = volume_normalizer(slices, intensity)(slices[z])
+        shown = [p.validate(pixels.shape[:2]) for p in prompts if p.z == z]
+        picture = render_overlay(np.dstack([pixels] * 3) if pixels.ndim == 2 else pixels, result.labels[z], shown)
+        write_overlay(overlay, picture, output, overwrite)
+    if as_json:
+        objects = []
+        voxels = np.bincount(result.labels.ravel(), minlength=len(prompts) + 1)
+        for i in range(len(prompts)):
+            first, last = (int(v) for v in result.z_range[i])
+            found = first >= 0
+            objects.append({"label": i + 1, "prompt_z": int(prompts[i].z), "z_first": first if found else None,
+                            "z_last": last if found else None, "voxels": int(voxels[i + 1]),
+                            "mean_score": round(float(np.nanmean(result.scores[i])), 4) if found else None})
+        click.echo(json.dumps({"image": str(image), "input": meta.summary(), "model": predictor.info.name,
+                               "projection": projection, "output": str(output),
+                               "overlay": str(overlay) if overlay else None, "objects": objects,
+                               "seconds": round(time.perf_counter() - start, 2)}, indent=2))

@@ -1,0 +1,176 @@
+"""3D segmentation: prompted propagation through slices (SAM v1) and linking 2D objects into 3D ones.
+
+Real data: the StarDist synthetic 3D nuclei volume (stardist 0.9.2 test data, 51 labelled nuclei)
+and the ISBI 2012 serial-section EM labels (Cardona et al. 2010), both in ../shared/data.
+"""
+
+from __future__ import annotations
+
+import json
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import tifffile
+from click.testing import CliRunner
+from skimage.measure import label as connected_components
+
+import biosam
+from biosam.cli.main import main
+from biosam.errors import InputError
+from biosam.volume import PropagationSettings, SliceLinker, link_slices, segment_volume
+
+from conftest import shared_file
+
+
+@pytest.fixture(scope="module")
+def nuclei_3d():
+    image = tifffile.imread(shared_file("stardist_synthetic_nuclei_3d", "img3d.tif"))
+    labels = tifffile.imread(shared_file("stardist_synthetic_nuclei_3d", "mask3d.tif")).astype(np.int64)
+    return image, labels
+
+
+def _middle_boxes(labels: np.ndarray) -> tuple[list[int], list[biosam.Prompt]]:
+    ids, prompts = [], []
+    for i in np.unique(labels)[1:]:
+        zs = np.nonzero((labels == i).any(axis=(1, 2)))[0]
+        z = int(zs[len(zs) // 2])
+        ys, xs = np.nonzero(labels[z] == i)
+        ids.append(int(i))
+        prompts.append(biosam.Prompt(box=np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], float), z=z))
+    return ids, prompts
+
+
+def _best_iou(truth: np.ndarray, found: np.ndarray) -> float:
+    counts = np.bincount(found[truth].astype(np.int64))
+    counts[0] = 0  # the object that covers most of it, background aside
+    if not counts.any():
+        return 0.0
+    other = found == counts.argmax()
+    return float((truth & other).sum() / (truth | other).sum())
+
+
+# ------------------------------------------------------------------ linking
+def test_link_slices_rebuilds_3d_nuclei_from_2d_labels(nuclei_3d):
+    """Per-slice labels with ids shuffled on every slice are linked back into 3D nuclei."""
+    _, truth = nuclei_3d
+    rng = np.random.default_rng(0)
+    per_slice = np.zeros_like(truth)
+    for z in range(truth.shape[0]):
+        ids = np.unique(truth[z])[1:]
+        lut = np.zeros(truth.max() + 1, dtype=np.int64)
+        lut[ids] = rng.permutation(ids.size) + 1
+        per_slice[z] = lut[truth[z]]
+    linked = link_slices(per_slice)
+    assert linked.dtype == np.uint16 and set(np.unique(linked)) == set(range(int(linked.max()) + 1))
+    # dense nuclei stacked in z: a few are fused with or split from a neighbour, most come back whole
+    recovered = [_best_iou(truth == i, linked) >= 0.9 for i in np.unique(truth)[1:]]
+    assert np.mean(recovered) >= 0.65, np.mean(recovered)
+    assert 51 <= linked.max() <= 75
+    linker = SliceLinker()
+    assert np.array_equal(np.stack([linker.add(p) for p in per_slice]), linked)
+
+
+def test_link_slices_is_one_to_one():
+    """A cell that splits continues into its larger branch; touching cells are not fused."""
+    labels = np.zeros((2, 20, 40), dtype=np.int32)
+    labels[0, 5:15, 5:35] = 7           # one elongated cell ...
+    labels[1, 5:15, 5:22] = 1           # ... splits into a larger
+    labels[1, 5:15, 23:35] = 2          # and a smaller part
+    out = link_slices(labels, min_iou=0.3)
+    assert out[1, 10, 10] == out[0, 10, 10] != out[1, 10, 30]
+    assert out.max() == 2
+    with pytest.raises(InputError, match="min_iou"):
+        link_slices(labels, min_iou=0.0)
+    with pytest.raises(InputError, match=r"\(Z, Y, X\)"):
+        link_slices(labels[0])
+
+
+def test_link_slices_follows_em_cells_through_sections():
+    """ISBI 2012: cell interiors of 30 serial sections; linked cells span several sections."""
+    cells = np.stack([
+        connected_components(iio.imread(shared_file("isbi2012_em_membranes", "labels", f"{z}.png")) > 127)
+        for z in range(10)
+    ])
+    linked = link_slices(cells)
+    first = np.unique(linked[0])[1:]
+    big = first[np.bincount(linked[0].ravel())[first] >= 1000]  # cells of >= 1000 px on the first section
+    sections = np.array([(linked == i).any(axis=(1, 2)).sum() for i in big])
+    assert big.size >= 30 and np.median(sections) >= 7, sections  # measured: 44 cells, median 8.5 of 10
+    assert linked.max() < cells.reshape(10, -1).max(axis=1).sum() / 2  # far fewer objects than 2D instances
+
+
+# ------------------------------------------------------------- propagation
+@pytest.fixture(scope="module")
+def propagated(nuclei_3d, lite_medsam):
+    image, truth = nuclei_3d
+    ids, prompts = _middle_boxes(truth)
+    return ids, prompts, segment_volume(biosam.Predictor(lite_medsam), image, prompts, progress=False)
+
+
+def test_box_on_the_middle_slice_segments_nuclei_in_3d(nuclei_3d, propagated):
+    """All 51 nuclei at once, one box each: mean 3D Dice measured 0.50 (benchmarks/volume_quality.py)."""
+    _, truth = nuclei_3d
+    ids, prompts, result = propagated
+    dice = []
+    for k, i in enumerate(ids):
+        a, b = truth == i, result.labels == k + 1
+        dice.append(2 * (a & b).sum() / (a.sum() + b.sum()))
+    assert np.mean(dice) >= 0.42, np.mean(dice)
+    extent = result.z_range[:, 1] - result.z_range[:, 0] + 1
+    true_extent = np.array([np.ptp(np.nonzero((truth == i).any(axis=(1, 2)))[0]) + 1 for i in ids])
+    # objects end: none runs through the whole volume on average, and they reach beyond their own slice
+    assert 0.6 * true_extent.mean() <= extent.mean() <= 2.0 * true_extent.mean()
+    for k, p in enumerate(prompts):
+        assert result.z_range[k, 0] <= p.z <= result.z_range[k, 1]
+        present = ~np.isnan(result.scores[k])
+        assert present[p.z] and not present[: result.z_range[k, 0]].any() and not present[result.z_range[k, 1] + 1:].any()
+
+
+def test_propagation_refuses_bad_input(nuclei_3d, lite_medsam):
+    image, _ = nuclei_3d
+    predictor = biosam.Predictor(lite_medsam)
+    box = np.array([10.0, 10.0, 30.0, 30.0])
+    with pytest.raises(InputError, match="volume has 31 slices"):
+        segment_volume(predictor, image, [biosam.Prompt(box=box, z=31)])
+    with pytest.raises(InputError, match='no slice index "z"'):
+        segment_volume(predictor, image, [biosam.Prompt(box=box)])
+    with pytest.raises(InputError, match="for a single 2D image use biosam.Predictor"):
+        segment_volume(predictor, image[0], [biosam.Prompt(box=box, z=0)])
+    with pytest.raises(InputError, match="outside the image"):
+        segment_volume(predictor, image, [biosam.Prompt(box=np.array([10.0, 10.0, 90.0, 30.0]), z=3)])
+    with pytest.raises(InputError, match="projection"):
+        PropagationSettings(projection="lasso")
+    with pytest.raises(InputError, match="collapse"):
+        PropagationSettings(collapse=1.5)
+
+
+# --------------------------------------------------------------------- CLI
+def test_volume_command(nuclei_3d, tmp_path):
+    image, truth = nuclei_3d
+    path = tmp_path / "nuclei.tif"
+    tifffile.imwrite(path, image[:12], imagej=True, resolution=(1 / 0.5, 1 / 0.5), metadata={"spacing": 2.0, "axes": "ZYX"})
+    ids, prompts = _middle_boxes(truth[:12])
+    chosen = [k for k, p in enumerate(prompts) if 3 <= p.z <= 8][:3]
+    (tmp_path / "prompts.json").write_text(json.dumps([{"box": prompts[k].box.tolist(), "z": prompts[k].z} for k in chosen]))
+    out = tmp_path / "labels.tif"
+    args = ["volume", str(path), "--prompts", str(tmp_path / "prompts.json"), "-o", str(out)]
+    result = CliRunner().invoke(main, [*args, "--json", "--overlay", str(tmp_path / "overlay.png")])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{"):])
+    labels = tifffile.imread(out)
+    assert labels.shape == (12, 61, 57)
+    assert iio.imread(tmp_path / "overlay.png").shape == (61, 57, 3)
+    for obj, k in zip(report["objects"], chosen):
+        assert obj["z_first"] <= prompts[k].z <= obj["z_last"] and obj["voxels"] == (labels == obj["label"]).sum()
+        assert _best_iou(truth[:12] == ids[k], labels) >= 0.3
+    # the output is not replaced without --overwrite, and bad input leaves nothing behind
+    before = out.read_bytes()
+    assert CliRunner().invoke(main, args).exit_code != 0 and out.read_bytes() == before
+    (tmp_path / "far.json").write_text(json.dumps([{"box": [5, 5, 20, 20], "z": 12}]))
+    bad = CliRunner().invoke(main, ["volume", str(path), "--prompts", str(tmp_path / "far.json"), "-o", str(tmp_path / "x.tif")])
+    assert bad.exit_code != 0 and "has 12 slices" in bad.output and not (tmp_path / "x.tif").exists()
+    flat = tmp_path / "flat.tif"
+    tifffile.imwrite(flat, image[5])
+    bad = CliRunner().invoke(main, ["volume", str(flat), "--prompts", str(tmp_path / "prompts.json"), "-o", str(tmp_path / "y.tif")])
+    assert bad.exit_code != 0 and "not a volume" in bad.output and not (tmp_path / "y.tif").exists()
