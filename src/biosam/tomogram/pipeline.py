@@ -65,11 +65,9 @@ __all__ = [
     "trim_by_score",
 ]
 
-CANDIDATE_METHODS = ("hough", "log", "amg")
+CANDIDATE_METHODS = ("lumen", "hough", "amg")
 # Percentiles the locally normalised images are clipped to before scaling to 0-255.
 _CLIP_PERCENTILES = (0.5, 99.5)
-# A bright ring of radius r gives the strongest scale-normalised LoG response at sigma = r / sqrt(3 - sqrt(5)).
-_LOG_RING_SIGMA = 1.0 / math.sqrt(3.0 - math.sqrt(5.0))
 
 
 @dataclass(frozen=True)
@@ -84,7 +82,8 @@ class VesicleSettings:
     whose solidity or minor/major axis ratio is below ``min_solidity`` /
     ``min_roundness`` are dropped. ``max_candidates`` caps the circles a ring
     detector hands to SAM. Propagation: ``z_smoothing`` (Gaussian sigma in
-    slices) of the volume SAM sees; ``propagation`` settings of
+    slices) of the volume SAM sees, which visits every ``z_step``-th slice
+    (other slices take the nearest visited one's masks); ``propagation`` settings of
     :func:`~biosam.volume.segment_volume`; ``score_drop``: an object's end
     slices are cut while their predicted IoU is below this fraction of its
     median. Finish: ``membrane_nm`` grown around SAM's lumen mask;
@@ -102,6 +101,7 @@ class VesicleSettings:
     min_roundness: float = 0.7
     max_candidates: int = 200
     z_smoothing: float = 2.0
+    z_step: int = 1
     score_drop: float = 0.85
     membrane_nm: float = 6.0
     background_nm: float = 150.0
@@ -126,6 +126,8 @@ class VesicleSettings:
         for name in ("z_smoothing", "membrane_nm"):
             if not getattr(self, name) >= 0:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)!r}.")
+        if int(self.z_step) != self.z_step or self.z_step < 1:
+            raise InputError(f"z_step must be a whole number of slices >= 1, got {self.z_step!r}.")
         if not self.background_nm > 0 or self.max_candidates < 1:
             raise InputError("background_nm must be > 0 and max_candidates >= 1.")
 
@@ -278,23 +280,35 @@ def _circles_hough(slab: np.ndarray, pixel_nm: float, settings: VesicleSettings)
     accumulator = transform.hough_circle(membrane, radii)
     gap = max(1, int(r_min))
     _, xs, ys, rs = transform.hough_circle_peaks(
-        accumulator, radii, min_xdistance=gap, min_ydistance=gap, total_num_peaks=settings.max_candidates,
+        accumulator, radii, min_xdistance=gap, min_ydistance=gap, total_num_peaks=4 * settings.max_candidates,
         threshold=0.3,
     )
-    return np.stack([ys, xs, rs], axis=1).astype(np.float64).reshape(-1, 3)
+    circles = np.stack([ys, xs, rs], axis=1).astype(np.float64).reshape(-1, 3)
+    # Both edges of a bilayer and off-centre arcs vote too: keep a circle only when its centre is not
+    # near the centre of a stronger one.
+    kept: list[np.ndarray] = []
+    for c in circles:
+        if all(np.hypot(*(c[:2] - k[:2])) > 0.5 * min(c[2], k[2]) for k in kept):
+            kept.append(c)
+        if len(kept) == settings.max_candidates:
+            break
+    return np.array(kept, np.float64).reshape(-1, 3)
 
 
-def _circles_log(slab: np.ndarray, pixel_nm: float, settings: VesicleSettings) -> np.ndarray:
-    """Circles ``(y, x, r)`` from Laplacian-of-Gaussian blobs of the membranes (bright after inversion)."""
+def _circles_lumen(slab: np.ndarray, pixel_nm: float, settings: VesicleSettings) -> np.ndarray:
+    """Circles ``(y, x, r)`` around lumens: regions of the slab fully enclosed by membrane ridges."""
     r_min, r_max = _radius_range(settings, pixel_nm)
-    inverted = (255.0 - slab) / 255.0
-    blobs = feature.blob_log(
-        inverted, min_sigma=r_min * _LOG_RING_SIGMA, max_sigma=r_max * _LOG_RING_SIGMA,
-        num_sigma=max(2, int(np.log(r_max / r_min) / 0.1) + 1), log_scale=True, threshold=None,
-        threshold_rel=0.2, overlap=0.5, exclude_border=False,
-    )
-    blobs = blobs[:settings.max_candidates]
-    return np.column_stack([blobs[:, 0], blobs[:, 1], blobs[:, 2] / _LOG_RING_SIGMA]).reshape(-1, 3)
+    membrane = _membrane_map(slab, pixel_nm, settings.membrane_nm)
+    lumens, _ = ndi.label(ndi.binary_fill_holes(membrane) & ~membrane)
+    half_membrane = settings.membrane_nm / 2 / pixel_nm
+    circles = []
+    for p in measure.regionprops(lumens):
+        # The circle passes through the membrane's middle, as a Hough circle does.
+        r = p.equivalent_diameter_area / 2 + half_membrane
+        if r_min <= r <= r_max:
+            circles.append((*p.centroid, r, p.area))
+    circles.sort(key=lambda c: -c[3])
+    return np.array([c[:3] for c in circles[: settings.max_candidates]], np.float64).reshape(-1, 3)
 
 
 def _boxes_from_circles(circles: np.ndarray, shape: tuple[int, int], margin: float = 1.15) -> np.ndarray:
@@ -351,7 +365,7 @@ def find_candidates(
         found = _amg_candidates(predictor, slab, pixel_nm, settings)
         expected = None
     else:
-        circles = (_circles_hough if settings.method == "hough" else _circles_log)(slab, pixel_nm, settings)
+        circles = (_circles_hough if settings.method == "hough" else _circles_lumen)(slab, pixel_nm, settings)
         found = _sam_candidates(predictor, slab, _boxes_from_circles(circles, slab.shape))
         expected = circles[: len(found), 2]
     logger.info("slab: %d raw candidates (%s)", len(found), settings.method)
@@ -522,10 +536,14 @@ def segment_vesicles(
     pixel_nm = math.sqrt(spacing_nm[1] * spacing_nm[2])
     window = settings.background_nm / pixel_nm
     depth = volume.shape[0]
+    step = settings.z_step
     centres = slab_centres(depth, settings)
+    # Propagation visits every step-th slice, starting so that it meets the first slab's centre.
+    offset = centres[0] % step
+    sampled = np.arange(offset, depth, step)
 
-    prepared = prepare_volume(volume, settings.z_smoothing, window)
-    found = np.zeros(volume.shape, dtype=np.int64)
+    prepared = prepare_volume(volume, settings.z_smoothing, window)[offset::step]
+    found = np.zeros((len(sampled), *volume.shape[1:]), dtype=np.int64)
     all_scores: list[np.ndarray] = []
     counts: list[int] = []
     first_slab = None
@@ -535,34 +553,34 @@ def segment_vesicles(
             if first_slab is None:
                 first_slab = slab
             candidates = find_candidates(predictor, slab, pixel_nm, settings)
+            zs = int(np.argmin(np.abs(sampled - zc)))  # the propagated slice nearest the slab centre
             # Drop what an earlier slab's objects already cover, so each vesicle is propagated once.
-            covered = found[zc] > 0
-            new = [k for k in range(len(candidates)) if (candidates.masks[k] & covered).sum() < 0.3 * candidates.masks[k].sum()]
+            covered = found[zs] > 0
+            new = [k for k, m in enumerate(candidates.masks) if (m & covered).sum() < 0.3 * m.sum()]
             candidates = candidates.select(np.array(new, dtype=np.int64))
             counts.append(len(candidates))
             logger.info("slab at z=%d: %d new candidates", zc, len(candidates))
             if not len(candidates):
                 continue
-            prompts = [Prompt(box=_mask_box(m), z=zc) for m in candidates.masks]
+            prompts = [Prompt(box=_mask_box(m), z=zs) for m in candidates.masks]
             result = segment_volume(predictor, prepared, prompts, settings.propagation, intensity="none",
                                     progress=progress)
             labels = result.labels.astype(np.int64)
             scores = trim_by_score(labels, result.scores, settings.score_drop)
-            offset = len(all_scores)
             # Objects of this slab fill only background: earlier objects keep their voxels.
             free = (found == 0) & (labels > 0)
-            found[free] = labels[free] + offset
+            found[free] = labels[free] + len(all_scores)
             all_scores.extend(scores)
+    # Back to every slice: each one takes the nearest propagated slice.
+    nearest = np.clip(np.rint((np.arange(depth) - offset) / step).astype(int), 0, len(sampled) - 1)
+    found = found[nearest]
     labels, origin = finish_labels(found, spacing_nm, settings.membrane_nm, settings.min_diameter_nm)
-    score_table = np.stack(all_scores) if all_scores else np.zeros((0, depth), np.float32)
-    scores = score_table[origin - 1] if origin.size else np.zeros((0, depth), np.float32)
-    # Pieces keep their parent's scores only on the slices they occupy.
-    for k in range(len(origin)):
-        present = np.zeros(depth, bool)
-        box = ndi.find_objects(labels == k + 1)
-        if box and box[0] is not None:
-            present[box[0][0]] = True
-        scores[k, ~present] = np.nan
+    scores = np.full((len(origin), depth), np.nan, np.float32)
+    for k, box in enumerate(ndi.find_objects(labels)):
+        if box is not None:
+            # A piece keeps its parent's scores on the slices it occupies.
+            z = np.arange(box[0].start, box[0].stop)
+            scores[k, z] = all_scores[origin[k] - 1][nearest[z]]
     return VesicleSegmentation(labels, scores, centres, first_slab.astype(np.uint8), counts)
 
 

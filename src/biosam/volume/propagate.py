@@ -142,6 +142,50 @@ def _stops(track: _Track, mask: np.ndarray, score: float, settings: PropagationS
     return None
 
 
+def _labels_out(out, shape: tuple[int, int, int], n: int):
+    dtype = np.uint16 if n < 65535 else np.uint32
+    if out is None:
+        return np.zeros(shape, dtype=dtype)
+    if tuple(out.shape) != shape:
+        raise InputError(f"out has shape {tuple(out.shape)}, but the labels need {shape}.")
+    if np.iinfo(out.dtype).max < n:
+        raise InputError(f"out has dtype {out.dtype}, which cannot hold {n} labels; use {np.dtype(dtype).name}.")
+    return out
+
+
+def _claim(z: int, objects: list[int], masks: list[np.ndarray], confidence: list[float], prompts: list[Prompt]):
+    """Give each pixel to one object: the one nearest its prompted slice (then the more confident one).
+
+    Yields ``(position in objects, own pixels)`` in that order.
+    """
+    rank = sorted(range(len(objects)), key=lambda k: (abs(z - int(prompts[objects[k]].z)), -confidence[k]))
+    claimed = np.zeros(masks[0].shape, dtype=bool) if masks else None
+    for k in rank:
+        own = masks[k] & ~claimed
+        yield k, own
+        claimed |= own
+
+
+def _write(labels, z: int, drawn: dict[int, np.ndarray]) -> None:
+    """Draw object masks (0-based ids) into slice ``z`` of a NumPy or lazy (Zarr, memmap) label volume."""
+    if not drawn:
+        return
+    plane = np.array(labels[z])
+    for i, own in drawn.items():
+        plane[own] = i + 1
+    labels[z] = plane
+
+
+def _z_range(scores: np.ndarray) -> np.ndarray:
+    present = ~np.isnan(scores)
+    depth = scores.shape[1]
+    z_range = np.full((len(scores), 2), -1, dtype=np.int64)
+    found = present.any(axis=1)
+    z_range[found, 0] = present[found].argmax(axis=1)
+    z_range[found, 1] = depth - 1 - present[found, ::-1].argmax(axis=1)
+    return z_range
+
+
 def segment_volume(
     predictor: Predictor,
     volume,
@@ -150,6 +194,7 @@ def segment_volume(
     *,
     intensity: str = "auto",
     progress: bool = True,
+    out=None,
 ) -> VolumeSegmentation:
     """Segment objects in 3D from prompts on one or more slices.
 
@@ -158,14 +203,30 @@ def segment_volume(
     is one object and needs ``z``, its slice. Objects are followed forward and
     backward from their slice until they end (see :class:`PropagationSettings`).
     One intensity window (``intensity`` preset) is used for the whole volume.
+    SAM 2 models follow objects with their memory (see
+    :mod:`biosam.volume.memory`), SAM v1 models by projecting the last mask.
+    ``out``: an existing ``(Z, Y, X)`` integer array (e.g. Zarr or a memmap) to
+    write the labels into slice by slice, so that no volume-sized array is held
+    in memory.
     """
     settings = settings or PropagationSettings()
     depth, height, width = _check(volume, prompts)
     prompts = [p.validate((height, width)) for p in prompts]
     normalize = volume_normalizer(volume, intensity)
-    n = len(prompts)
-    labels = np.zeros((depth, height, width), dtype=np.uint16 if n < 65535 else np.uint32)
-    scores = np.full((n, depth), np.nan, dtype=np.float32)
+    labels = _labels_out(out, (depth, height, width), len(prompts))
+    scores = np.full((len(prompts), depth), np.nan, dtype=np.float32)
+    if predictor.info.preprocessing == "sam2":
+        from biosam.volume.memory import track_objects
+
+        track_objects(predictor, volume, prompts, settings, normalize, labels, scores, progress)
+    else:
+        _project_objects(predictor, volume, prompts, settings, normalize, labels, scores, progress)
+    return VolumeSegmentation(labels, scores, _z_range(scores))
+
+
+def _project_objects(predictor, volume, prompts, settings, normalize, labels, scores, progress) -> None:
+    """SAM v1: carry each object to the next slice as a prompt made from its last mask."""
+    depth = labels.shape[0]
     starts: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
         starts.setdefault(int(p.z), []).append(i)
@@ -192,14 +253,11 @@ def segment_volume(
             predictor.set_image(normalize(volume[z]), intensity="none")
             result = predictor.predict_prompts(asked, zoom=settings.zoom)
             order = new + carried
-            # Objects may not share pixels: the one nearer its prompted slice keeps them, and a carried
-            # object that lost most of its mask has run into a neighbour (its own end was passed).
-            rank = sorted(range(len(order)), key=lambda k: (abs(z - int(prompts[order[k]].z)), -result.scores[k, 0]))
-            claimed = np.zeros((height, width), dtype=bool)
-            for k in rank:
-                i = order[k]
-                mask, score = result.masks[k, 0], float(result.scores[k, 0])
-                own = mask & ~claimed
+            drawn = {}
+            # a carried object that lost most of its mask to an object nearer its own prompt has run into
+            # that neighbour: its own end was passed
+            for k, own in _claim(z, order, list(result.masks[:, 0]), list(result.scores[:, 0]), prompts):
+                i, mask, score = order[k], result.masks[k, 0], float(result.scores[k, 0])
                 if i in active:
                     reason = _stops(active[i], own, score, settings)
                     if reason is None and own.sum() < settings.min_own * mask.sum():
@@ -215,13 +273,7 @@ def segment_volume(
                 active[i] = track
                 if i in new:
                     seeds[i] = track
-                claimed |= own
-                labels[z][own] = i + 1
+                drawn[i] = own
                 scores[i, z] = score
+            _write(labels, z, drawn)
         bar.close()
-    present = ~np.isnan(scores)
-    z_range = np.full((n, 2), -1, dtype=np.int64)
-    found = present.any(axis=1)
-    z_range[found, 0] = present[found].argmax(axis=1)
-    z_range[found, 1] = depth - 1 - present[found, ::-1].argmax(axis=1)
-    return VolumeSegmentation(labels, scores, z_range)

@@ -1,0 +1,80 @@
+"""SAM 2 volumes: objects followed through slices with the model's memory of earlier slices.
+
+The slices play the role of video frames. Each prompted slice conditions the
+object, propagation runs forward from the first prompted slice and backward
+from the last, and the tracker keeps only the memories SAM 2 can still attend
+to, so memory stays flat however many slices there are. An object ends where
+the model's object score says it is gone (probability below ``min_score``) or
+where it runs into an object nearer its own prompted slice.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from biosam.models.sam2.tracker import Sam2Tracker
+from biosam.prompting.predictor import Predictor
+from biosam.prompting.preprocess import Frame
+from biosam.prompting.prompts import Prompt
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["track_objects"]
+
+
+def track_objects(predictor: Predictor, volume, prompts: list[Prompt], settings, normalize, labels, scores,
+                  progress: bool) -> None:
+    """Fill ``labels`` (Z, Y, X) and ``scores`` (n, Z; object probability) for SAM 2 prompts (see segment_volume)."""
+    from biosam.volume.propagate import _claim, _write
+
+    model = predictor.model
+    depth, height, width = labels.shape
+    frame = Frame.create((height, width), model.image_size, "sam2")
+
+    def features(z: int) -> torch.Tensor:
+        # through the predictor, so an embedding store is used and filled
+        predictor.set_image(normalize(volume[z]), intensity="none")
+        return predictor.embedding
+
+    tracker = Sam2Tracker(model)
+    state = tracker.init_state(features, num_frames=depth)
+    for i, p in enumerate(prompts):
+        box = None if p.box is None else frame.to_model(p.box)
+        points = None if p.points is None else frame.to_model(p.points)
+        if p.mask is not None:
+            logger.warning("object %d: mask prompts are not used for volumes; its box/points are", i)
+        tracker.add_prompt(state, int(p.z), i, points=points, labels=p.point_labels, box=box)
+    first, last = min(int(p.z) for p in prompts), max(int(p.z) for p in prompts)
+    for reverse in (False, True):
+        # the forward pass owns the prompted slices and what follows them, the backward pass what precedes
+        owns = (lambda i, z: z >= prompts[i].z) if not reverse else (lambda i, z: z < prompts[i].z)
+        passes = tracker.propagate(state, start_frame=last if reverse else first, reverse=reverse)
+        for step in tqdm(passes, total=(last + 1) if reverse else depth - first, desc="backward" if reverse else "forward",
+                         disable=not progress, leave=False):
+            z = step.frame_index
+            logits = F.interpolate(step.low_res_logits.float(), size=(height, width), mode="bilinear",
+                                   align_corners=False)
+            masks = (logits[:, 0] > 0).cpu().numpy()
+            probability = torch.sigmoid(step.object_score_logits[:, 0].float()).cpu().numpy()
+            mine = [k for k, i in enumerate(step.object_ids) if owns(i, z)]
+            objects = [step.object_ids[k] for k in mine]
+            drawn = {}
+            for j, own in _claim(z, objects, [masks[k] for k in mine], [probability[k] for k in mine], prompts):
+                i, k = objects[j], mine[j]
+                prompted = z == prompts[i].z
+                ended = probability[k] < settings.min_score or own.sum() < settings.min_area
+                if not prompted and not ended and own.sum() < settings.min_own * masks[k].sum():
+                    ended = True  # ran into an object nearer its own prompted slice
+                if ended and not prompted:
+                    logger.debug("object %d ends before slice %d", i, z)
+                    state.stop_object(i)
+                    continue
+                if own.any():
+                    drawn[i] = own
+                    scores[i, z] = probability[k]
+            _write(labels, z, drawn)
