@@ -144,3 +144,22 @@ def test_wrong_decoder_and_options_are_refused(tmp_path, nih_val):
     assert res.exit_code != 0 and "positive diameter" in res.output and not out.exists()
     res = run("auto", path, "-o", out, "--scale", 10)
     assert res.exit_code != 0 and "outside" in res.output and not out.exists()
+
+
+def test_volume_objects_are_linked_in_3d(tmp_path, nih_val):
+    """Three sections of the same nuclei, shifted by 2 px each: one 3D object per nucleus, unless --link-iou 0."""
+    _, image, _ = nih_val
+    stack = np.stack([image[100 + d : 356 + d, 100 + d : 356 + d] for d in (0, 2, 4)])
+    tifffile.imwrite(tmp_path / "stack.tif", stack, imagej=True, metadata={"axes": "ZYX"})
+    res = run("auto", tmp_path / "stack.tif", "-o", tmp_path / "linked.tif", "--json")
+    assert res.exit_code == 0, res.output
+    linked = tifffile.imread(tmp_path / "linked.tif")
+    report = json.loads(res.stdout)
+    per_slice = [set(np.unique(plane)) - {0} for plane in linked]
+    assert len(per_slice[0]) >= 3 and len(per_slice[0] & per_slice[1] & per_slice[2]) >= 0.8 * len(per_slice[0])
+    assert report["objects"] == linked.max() == len(set().union(*per_slice))
+    res = run("auto", tmp_path / "stack.tif", "-o", tmp_path / "apart.tif", "--link-iou", "0")
+    assert res.exit_code == 0, res.output
+    apart = [set(np.unique(plane)) - {0} for plane in tifffile.imread(tmp_path / "apart.tif")]
+    assert not apart[0] & apart[1] and not apart[1] & apart[2]
+    assert run("auto", tmp_path / "stack.tif", "-o", tmp_path / "x.tif", "--link-iou", "2").exit_code != 0

@@ -28,14 +28,17 @@ from biosam.cli.common import check_overlay, input_options, write_overlay
 @click.option("--pred-iou-thresh", type=float, default=None, help="amg: keep masks with a predicted IoU above this.")
 @click.option("--stability-thresh", type=float, default=None, help="amg: keep masks with a stability score above this.")
 @click.option("--z", type=int, default=None, help="Segment only this slice of a volume (default: every slice).")
+@click.option("--link-iou", type=float, default=0.3, show_default=True,
+              help="Volumes: objects of neighbouring slices overlapping by this IoU become one 3D object; 0 keeps slices apart.")
 @input_options
-def auto(image, output, mode, decoder, tile, halo, object_size, scale, points_per_side, pred_iou_thresh, stability_thresh, z, intensity, t,
+def auto(image, output, mode, decoder, tile, halo, object_size, scale, points_per_side, pred_iou_thresh, stability_thresh, z, link_iou, intensity, t,
          channel, axes, level, series, model, device, precision, embeddings, overlay, as_json, overwrite) -> None:
     """Find every object in IMAGE and write an instance label image to OUTPUT.
 
     Images larger than the tile are processed in overlapping tiles and stitched
-    without seams. Volumes are segmented slice by slice (ids unique across the
-    volume). An empty or constant image gives an empty label image.
+    without seams. Volumes are segmented slice by slice and the objects of
+    neighbouring slices are linked into 3D objects by overlap (one-to-one).
+    An empty or constant image gives an empty label image.
     """
     from tqdm.auto import tqdm
 
@@ -52,6 +55,10 @@ def auto(image, output, mode, decoder, tile, halo, object_size, scale, points_pe
     from biosam.io.overlay import render_overlay
     from biosam.prompting.intensity import resolve_preset
 
+    from biosam.volume import SliceLinker
+
+    if not 0.0 <= link_iou <= 1.0:
+        raise click.BadParameter(f"must lie in [0, 1], got {link_iou}", param_hint="--link-iou")
     check_overlay(overlay, output, overwrite)
     data, meta = read_image(image, axes=axes, level=level, series_uid=series)
     check_labels_output(output, meta, overwrite)
@@ -74,22 +81,28 @@ def auto(image, output, mode, decoder, tile, halo, object_size, scale, points_pe
     volume = "Z" in meta.axes and depth > 1
     labels_meta = meta.labels_meta()
     results, picture, offset = [], None, 0
+    linker = SliceLinker(link_iou) if volume and link_iou > 0 and len(planes) > 1 else None
     big = labels_meta.shape[-1] * labels_meta.shape[-2] > 64 * 65535  # could hold more than 65535 objects
     with open_labels(output, meta, np.uint32 if volume or big else np.uint16, overwrite=overwrite) as out:
         for zz in tqdm(planes, desc="slices", disable=len(planes) < 2):
             key = zz if "Z" in meta.axes else None
             plane = read_plane(data, meta, key, t, channel)
             labels = segment_automatic(predictor, plane, settings, progress=True)
-            count = int(labels.max())
-            if count > np.iinfo(out.dtype).max - offset:
-                raise click.ClickException(f"{image}: {count} objects do not fit a {out.dtype} label image.")
-            out[plane_index(labels_meta, key, t)] = np.where(labels > 0, labels.astype(out.dtype) + offset, 0)
+            if linker is not None:  # 3D ids, unique across the volume
+                before = linker.count
+                labels = linker.add(labels)
+                count = linker.count - before  # objects that start on this slice
+            else:
+                count = int(labels.max())
+                labels = np.where(labels > 0, labels.astype(np.int64) + offset, 0)
+                offset += count if volume else 0
+            if labels.max() > np.iinfo(out.dtype).max:
+                raise click.ClickException(f"{image}: {int(labels.max())} objects do not fit a {out.dtype} label image.")
+            out[plane_index(labels_meta, key, t)] = labels.astype(out.dtype)
             results.append({"z": key, "objects": count})
-            offset += count if volume else 0
             if overlay is not None and picture is None and (count or zz == planes[-1]):
-                shown = np.where(labels > 0, labels + offset - count, 0) if volume else labels
                 pixels = to_uint8(plane, intensity)
-                picture = render_overlay(np.dstack([pixels] * 3) if pixels.ndim == 2 else pixels, shown)
+                picture = render_overlay(np.dstack([pixels] * 3) if pixels.ndim == 2 else pixels, labels)
     if picture is not None:
         write_overlay(overlay, picture, output, overwrite)
     if as_json:
