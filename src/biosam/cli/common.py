@@ -22,7 +22,7 @@ _INPUT_OPTIONS = [
     click.option("--model", default="lite_medsam", show_default=True, help="Zoo name (see `biosam models`) or checkpoint path."),
     click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda if available, else cpu."),
     click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
-                 help="Image encoder arithmetic; auto = bf16 where the CPU/GPU computes it natively, else fp32."),
+                 help="Image encoder arithmetic; auto = fp32 (bf16 is faster where native but misses our agreement targets)."),
     click.option("--embeddings", "embeddings", type=click.Path(path_type=Path), default=None,
                  help="Zarr store of image embeddings: reused when present, added when new (resumes interrupted runs)."),
     click.option("--overlay", type=click.Path(path_type=Path), help="Also write a picture of the result (.png)."),
