@@ -1,5 +1,16 @@
-"""Synthetic cryo-electron tomograms with exact ground truth, for tests and benchmarks."""
+"""Cryo-electron tomograms: synthetic test volumes with exact ground truth, and vesicle finding and measurement."""
 
+from biosam.tomogram.measure import fit_sphere, measure_vesicles, write_measurements
+from biosam.tomogram.pipeline import VesicleSegmentation, VesicleSettings, segment_vesicles
 from biosam.tomogram.synthetic import SyntheticTomogram, synthetic_tomogram
 
-__all__ = ["SyntheticTomogram", "synthetic_tomogram"]
+__all__ = [
+    "SyntheticTomogram",
+    "VesicleSegmentation",
+    "VesicleSettings",
+    "fit_sphere",
+    "measure_vesicles",
+    "segment_vesicles",
+    "synthetic_tomogram",
+    "write_measurements",
+]

@@ -3,28 +3,38 @@
 The steps of :func:`segment_vesicles`, each a public function here:
 
 1. :func:`prepare_volume`: a copy of the tomogram smoothed along z (single
-   slices are very noisy) and normalised slice by slice for local contrast.
-   SAM sees this volume during propagation.
+   slices are very noisy) and normalised slice by slice for local contrast
+   (minus the local mean, over the local standard deviation, then clipped to
+   percentiles). SAM sees this volume, membranes made bright, during
+   propagation.
 2. :func:`slab_image`: the mean of ``slab_thickness`` slices around a depth,
-   with the same local normalisation; vesicles crossing that depth appear as
-   dark rings (the bilayer) around a lumen.
-3. :func:`find_candidates`: 2D vesicle cross-sections on the slab: circles from
-   a ring detector (``hough``: Hough transform of the membrane ridges;
-   ``log``: Laplacian-of-Gaussian blobs), each verified by a SAM box prompt, or
-   SAM's automatic mask generation with a grid of boxes (``amg``). Candidates
-   are filtered by predicted IoU, diameter (nm) and shape (solidity, axis ratio).
+   normalised the same way; vesicles crossing that depth appear as dark rings
+   (the bilayer) around a lumen.
+3. :func:`find_candidates`: vesicle cross-sections on the slab. A ring
+   detector proposes circles (``lumen``: regions fully enclosed by membrane
+   ridges; ``hough``: Hough transform of the ridges) that SAM outlines from a
+   box prompt each, or SAM's automatic mask generation with a grid of boxes
+   proposes masks (``amg``). Masks must have a high predicted IoU, a dark
+   membrane around them, an allowed diameter (nm) and a round, convex shape.
 4. :func:`biosam.volume.segment_volume` carries each candidate from the slab's
-   centre slice through z; :func:`trim_by_score` cuts each object's ends where
-   its predicted IoU falls off.
-5. :func:`finish_labels`: SAM outlines the lumen inside the dark bilayer, so
-   every object is grown by the membrane thickness (without overlapping its
-   neighbours), split into connected 3D components, fragments are dropped and
-   the objects relabelled ``1..N`` in a dtype that holds them all.
+   centre slice through z. :func:`snap_slices` grows every 2D mask to the
+   outer edge of its membrane (SAM outlines the lumen on some slices, the
+   whole vesicle on others) and :func:`trim_objects` cuts each object's ends
+   where its predicted IoU falls off, its membrane fades (the missing wedge
+   hides the poles) or it grows again into a neighbour.
+5. :func:`finish_labels`: objects are snapped to their membrane in 3D
+   (:func:`snap_to_membrane`), clipped to the ball of their equatorial radius
+   (:func:`clip_to_sphere`: the missing wedge stretches them along z), split
+   into connected 3D components, fragments dropped, and relabelled ``1..N`` in
+   a dtype that holds them all (:func:`relabel_volume`).
 
 With several slabs (``n_slabs``), slabs are processed from the middle outwards
 and a candidate is dropped when an object found from an earlier slab already
 covers it, so each vesicle is propagated once. Slice embeddings are cached
 between slabs, so extra slabs cost mostly mask decoding.
+
+Lengths are in nm, voxel sizes in Å (as in MRC headers), images ``(Z, Y, X)``
+with dense material dark, as tomograms are.
 """
 
 from __future__ import annotations
@@ -34,11 +44,11 @@ import logging
 import math
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage as ndi
-from skimage import feature, filters, measure, transform
+from skimage import filters, measure, transform
 from tqdm.auto import tqdm
 
 from biosam.errors import InputError
@@ -53,7 +63,9 @@ __all__ = [
     "Candidates",
     "VesicleSegmentation",
     "VesicleSettings",
+    "clip_to_sphere",
     "finish_labels",
+    "snap_to_membrane",
     "find_candidates",
     "label_dtype_for",
     "local_contrast",
@@ -61,8 +73,11 @@ __all__ = [
     "relabel_volume",
     "segment_vesicles",
     "slab_centres",
+    "snap_slices",
     "slab_image",
-    "trim_by_score",
+    "edge_profile",
+    "membrane_contrast",
+    "trim_objects",
 ]
 
 CANDIDATE_METHODS = ("lumen", "hough", "amg")
@@ -74,38 +89,52 @@ _CLIP_PERCENTILES = (0.5, 99.5)
 class VesicleSettings:
     """Parameters of :func:`segment_vesicles` (lengths in nm unless the name says slices or pixels).
 
-    Slabs: ``slab_thickness`` slices are averaged around depth ``z`` (default:
-    the middle slice), or around ``n_slabs`` evenly spaced depths.
-    Candidates: ``method`` (see :data:`CANDIDATE_METHODS`); cross-sections
-    whose diameter (membrane included) lies outside ``min_diameter_nm`` to
-    ``max_diameter_nm``, whose SAM predicted IoU is below ``min_score``, or
-    whose solidity or minor/major axis ratio is below ``min_solidity`` /
-    ``min_roundness`` are dropped. ``max_candidates`` caps the circles a ring
-    detector hands to SAM. Propagation: ``z_smoothing`` (Gaussian sigma in
-    slices) of the volume SAM sees, which visits every ``z_step``-th slice
-    (other slices take the nearest visited one's masks); ``propagation`` settings of
-    :func:`~biosam.volume.segment_volume`; ``score_drop``: an object's end
-    slices are cut while their predicted IoU is below this fraction of its
-    median. Finish: ``membrane_nm`` grown around SAM's lumen mask;
-    ``background_nm``: window of the local contrast normalisation.
+    Slabs: ``slab_thickness`` slices are averaged around slice ``z`` (default:
+    the middle one), or around ``n_slabs`` evenly spaced depths.
+
+    Candidates: ``method`` is one of :data:`CANDIDATE_METHODS`; a ring
+    detector hands at most ``max_candidates`` circles to SAM. A cross-section
+    is kept when its SAM predicted IoU is at least ``min_score``, the
+    membrane around it is at least ``min_contrast`` darker than what lies
+    beyond (0-255 units of the normalised slab), its diameter (membrane
+    included) lies in ``min_diameter_nm`` .. ``max_diameter_nm``, and its
+    solidity and minor/major axis ratio reach ``min_solidity`` and
+    ``min_roundness``. ``invert``: SAM sees membranes bright (it outlines
+    vesicles more consistently than on dark rings).
+
+    Propagation: the volume SAM sees is smoothed along z with a Gaussian of
+    ``z_smoothing`` slices and visited every ``z_step``-th slice (the others
+    take the nearest visited slice's masks); ``propagation`` holds the
+    settings of :func:`~biosam.volume.segment_volume`. ``score_drop`` and
+    ``contrast_drop``: see :func:`trim_objects`.
+
+    Finish: ``membrane_nm`` is the bilayer's thickness (objects are grown to
+    its outer edge); ``sphere``: clip objects to the ball of their equatorial
+    radius (see :func:`clip_to_sphere`); ``background_nm``: the window of the
+    local contrast normalisation.
     """
 
     slab_thickness: int = 11
     z: int | None = None
     n_slabs: int = 1
-    method: str = "hough"
+    method: str = "lumen"
     min_diameter_nm: float = 20.0
     max_diameter_nm: float = 150.0
     min_score: float = 0.8
     min_solidity: float = 0.9
     min_roundness: float = 0.7
-    max_candidates: int = 200
+    max_candidates: int = 100
+    invert: bool = True
     z_smoothing: float = 2.0
-    z_step: int = 1
+    z_step: int = 2
     score_drop: float = 0.85
+    contrast_drop: float = 0.3
+    min_contrast: float = 10.0
     membrane_nm: float = 6.0
+    sphere: bool = True
     background_nm: float = 150.0
-    propagation: PropagationSettings = field(default_factory=PropagationSettings)
+    # The box for the next slice: the mask's box grown by 15% of its side, so that it takes in the membrane.
+    propagation: PropagationSettings = field(default_factory=lambda: PropagationSettings(box_margin=0.15))
 
     def __post_init__(self) -> None:
         if self.method not in CANDIDATE_METHODS:
@@ -120,7 +149,7 @@ class VesicleSettings:
             raise InputError(
                 f"need 0 < min_diameter_nm < max_diameter_nm, got {self.min_diameter_nm} and {self.max_diameter_nm}."
             )
-        for name in ("min_score", "min_solidity", "min_roundness", "score_drop"):
+        for name in ("min_score", "min_solidity", "min_roundness", "score_drop", "contrast_drop"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise InputError(f"{name} must lie in [0, 1], got {getattr(self, name)!r}.")
         for name in ("z_smoothing", "membrane_nm"):
@@ -134,7 +163,7 @@ class VesicleSettings:
 
 @dataclass
 class Candidates:
-    """2D vesicle candidates on one slab: SAM masks of the lumen, their scores and boxes ``(x0, y0, x1, y1)``."""
+    """2D vesicle candidates on one slab: SAM masks (lumen or whole vesicle), scores and boxes ``(x0, y0, x1, y1)``."""
 
     masks: np.ndarray  # (n, H, W) bool
     scores: np.ndarray  # (n,) predicted IoU
@@ -152,9 +181,9 @@ class VesicleSegmentation:
     """Result of :func:`segment_vesicles` for a ``(Z, Y, X)`` tomogram.
 
     ``labels``: vesicles ``1..N`` (uint16, uint32 past 65535). ``scores``:
-    ``(N, Z)`` SAM predicted IoU of each vesicle per slice (NaN where it is
-    absent; after splitting, pieces keep the scores of the object they came
-    from). ``slabs``: the slab centre slices, ``slab``: the first (normalised,
+    ``(N, Z)`` SAM predicted IoU of each vesicle per slice, NaN where it is
+    absent or was not scored (slices between propagated ones take the
+    nearest one's score; pieces of a split object keep its scores). ``slabs``: the slab centre slices, ``slab``: the first (normalised,
     uint8) slab image, ``candidates``: 2D candidates found on each slab.
     """
 
@@ -323,8 +352,10 @@ def _sam_candidates(predictor: Predictor, slab: np.ndarray, boxes: np.ndarray) -
     """SAM masks of box prompts on the slab (already embedded by the caller)."""
     if not len(boxes):
         return Candidates(np.zeros((0, *slab.shape), bool), np.zeros(0, np.float32), np.zeros((0, 4)))
-    boxes = boxes[(boxes[:, 2] > boxes[:, 0] + 1) & (boxes[:, 3] > boxes[:, 1] + 1)]
-    result = predictor.predict_prompts([Prompt(box=b) for b in boxes])
+    # A slab no bigger than the model's input keeps every vesicle at full detail: zoomed crops (one
+    # embedding each) would only cost time, mostly for the false circles.
+    zoom = "off" if max(slab.shape) <= 1.5 * predictor.input_size else "auto"
+    result = predictor.predict_prompts([Prompt(box=b) for b in boxes], zoom=zoom)
     return Candidates(result.masks[:, 0], result.scores[:, 0].astype(np.float32), boxes)
 
 
@@ -333,9 +364,10 @@ def _amg_candidates(predictor: Predictor, slab: np.ndarray, pixel_nm: float, set
     from biosam.automatic.run import amg_settings_for
 
     # A grid of boxes about the size of a typical vesicle; the filters below judge the masks.
-    r_min, r_max = _radius_range(settings, pixel_nm)
+    r_min, _ = _radius_range(settings, pixel_nm)
     side = max(slab.shape)
     per_side = int(np.clip(round(side / (2 * r_min)), 8, 32))
+    # LiteMedSAM's own stability threshold; the membrane and shape filters do the rest.
     amg = amg_settings_for(predictor.model, points_per_side=per_side, pred_iou_thresh=settings.min_score,
                            stability_score_thresh=0.8)
     records = generate_masks(predictor, None, amg)
@@ -347,7 +379,7 @@ def _amg_candidates(predictor: Predictor, slab: np.ndarray, pixel_nm: float, set
 def find_candidates(
     predictor: Predictor, slab: np.ndarray, pixel_nm: float, settings: VesicleSettings | None = None
 ) -> Candidates:
-    """2D vesicle cross-sections (SAM lumen masks) on a normalised slab image (float 0-255).
+    """2D vesicle cross-sections (SAM masks) on a normalised slab image (float 0-255, membranes dark).
 
     ``pixel_nm`` is the slab's pixel size in nm. Candidates come from
     ``settings.method`` and pass the score, diameter and shape filters of
@@ -360,38 +392,47 @@ def find_candidates(
         raise InputError(f"a slab image is 2D, got shape {slab.shape}.")
     if not pixel_nm > 0:
         raise InputError(f"pixel size must be positive, got {pixel_nm} nm.")
-    predictor.set_image(slab, intensity="none")
+    # Membranes bright: SAM then outlines whole vesicles or lumens more consistently than on dark rings.
+    predictor.set_image(255.0 - slab if settings.invert else slab, intensity="none")
     if settings.method == "amg":
         found = _amg_candidates(predictor, slab, pixel_nm, settings)
         expected = None
     else:
         circles = (_circles_hough if settings.method == "hough" else _circles_lumen)(slab, pixel_nm, settings)
-        found = _sam_candidates(predictor, slab, _boxes_from_circles(circles, slab.shape))
-        expected = circles[: len(found), 2]
+        boxes = _boxes_from_circles(circles, slab.shape)
+        usable = (boxes[:, 2] > boxes[:, 0] + 1) & (boxes[:, 3] > boxes[:, 1] + 1)
+        found = _sam_candidates(predictor, slab, boxes[usable])
+        expected = circles[usable, 2]
     logger.info("slab: %d raw candidates (%s)", len(found), settings.method)
-    keep = _filter(found, pixel_nm, settings, expected)
+    keep = _filter(found, slab, pixel_nm, settings, expected)
     return _suppress(found.select(keep))
 
 
-def _filter(found: Candidates, pixel_nm: float, settings: VesicleSettings, expected: np.ndarray | None) -> np.ndarray:
-    """Indices of candidates that look like a vesicle's lumen of an allowed size."""
+def _filter(
+    found: Candidates, slab: np.ndarray, pixel_nm: float, settings: VesicleSettings, expected: np.ndarray | None
+) -> np.ndarray:
+    """Indices of candidates that look like a vesicle's lumen of an allowed size, ringed by a membrane."""
     keep = []
+    membrane_px = max(1.0, settings.membrane_nm / pixel_nm)
     for k in range(len(found)):
-        if found.scores[k] < settings.min_score:
+        if found.scores[k] < settings.min_score or not found.masks[k].any():
+            continue
+        # Missing-wedge halos above and below dense objects are bright blobs with no dark rim.
+        distances, means = edge_profile(slab, found.masks[k], 3 * membrane_px + 2)
+        contrast, growth = _membrane_fit(distances, means, membrane_px)
+        if not contrast >= settings.min_contrast:
             continue
         props = measure.regionprops(found.masks[k].astype(np.uint8))
-        if not props:
-            continue
         p = props[0]
-        lumen_d = p.equivalent_diameter_area * pixel_nm
-        diameter = lumen_d + 2 * settings.membrane_nm
+        # SAM outlines the lumen or the whole vesicle; the membrane found around it settles which.
+        diameter = (p.equivalent_diameter_area + 2 * growth) * pixel_nm
         if not settings.min_diameter_nm <= diameter <= settings.max_diameter_nm:
             continue
         if p.solidity < settings.min_solidity:
             continue
         if p.axis_major_length > 0 and p.axis_minor_length / p.axis_major_length < settings.min_roundness:
             continue
-        # A ring detector's circle passes through the membrane: SAM's lumen must lie just inside it.
+        # A ring detector's circle passes through the membrane: SAM's mask must end near it.
         if expected is not None and not 0.4 <= (p.equivalent_diameter_area / 2) / max(expected[k], 1.0) <= 1.3:
             continue
         keep.append(k)
@@ -416,27 +457,184 @@ def _suppress(found: Candidates, max_overlap: float = 0.3) -> Candidates:
 # --------------------------------------------------------------------------- 3D objects
 
 
-def trim_by_score(labels: np.ndarray, scores: np.ndarray, drop: float) -> np.ndarray:
-    """Cut each object's end slices while its predicted IoU is below ``drop`` times its median; in place.
+def edge_profile(
+    image: np.ndarray, mask: np.ndarray, reach: float, spacing: float | tuple[float, ...] = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean of ``image`` in shells at signed distance from the edge of ``mask`` (2D or 3D).
 
-    ``labels`` ``(Z, Y, X)`` holds object ``k`` as ``k + 1``; ``scores`` is
-    ``(n, Z)`` with NaN where an object is absent. Returns ``scores`` with the
-    cut slices set to NaN.
+    Distances are in the units of ``spacing`` (negative inside the mask),
+    binned one smallest-spacing wide, out to ``reach`` on both sides. Returns
+    the bin centres and the mean in each bin (NaN where a bin is empty).
+    """
+    step = float(np.min(spacing))
+    n = int(math.ceil(reach / step))
+    if not mask.any():
+        return (np.arange(2 * n + 1) - n) * step, np.full(2 * n + 1, np.nan)
+    # Only voxels within reach of the mask matter: work in its box, widened by the reach.
+    margin = np.ceil(reach / np.broadcast_to(np.asarray(spacing, np.float64), (mask.ndim,))).astype(int) + 1
+    box = tuple(slice(max(0, b.start - m), b.stop + m) for b, m in zip(ndi.find_objects(mask.astype(np.uint8))[0], margin))
+    image, mask = image[box], mask[box]
+    inside = ndi.distance_transform_edt(mask, sampling=spacing)
+    outside = ndi.distance_transform_edt(~mask, sampling=spacing)
+    # Pixel centres next to the edge are half a pixel from it.
+    signed = np.where(mask, 0.5 * step - inside, outside - 0.5 * step)
+    bins = np.rint(signed / step).astype(np.int64) + n
+    near = (bins >= 0) & (bins <= 2 * n)
+    sums = np.bincount(bins[near], weights=image[near].astype(np.float64), minlength=2 * n + 1)
+    counts = np.bincount(bins[near], minlength=2 * n + 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = sums / counts
+    return (np.arange(2 * n + 1) - n) * step, np.where(counts > 0, means, np.nan)
+
+
+def _membrane_fit(distances: np.ndarray, means: np.ndarray, membrane: float) -> tuple[float, float]:
+    """Where a dark membrane lies in an edge profile: ``(contrast, growth)``.
+
+    The darkest band (the profile smoothed over most of a membrane's width)
+    within a membrane's width of the edge is the membrane's middle;
+    ``contrast`` is how much brighter the band one to two membrane widths
+    beyond it is (NaN if unknown), ``growth`` how far the mask must grow to
+    take in the membrane's outer half (>= 0).
+    """
+    valid = np.isfinite(means)
+    if valid.sum() < 3:
+        return float("nan"), 0.0
+    # Smoothed over most of a membrane's width, the two leaflets of a bilayer merge into one band
+    # whose darkest point is the bilayer's middle.
+    step = float(distances[1] - distances[0])
+    window = np.ones(max(3, int(round(0.7 * membrane / step)) | 1))
+    smooth = np.convolve(np.where(valid, means, 0.0), window, "same")
+    weight = np.convolve(valid.astype(np.float64), window, "same")
+    smooth = np.where(weight > 0, smooth / np.maximum(weight, 1), np.nan)
+    search = (distances >= -membrane) & (distances <= membrane + 2 * step) & valid
+    if not search.any():
+        return float("nan"), 0.0
+    centre = distances[search][np.nanargmin(smooth[search])]
+    beyond = (distances >= centre + membrane) & (distances <= centre + 2 * membrane) & valid
+    contrast = float(np.mean(means[beyond]) - smooth[distances == centre][0]) if beyond.any() else float("nan")
+    return contrast, max(0.0, float(centre + membrane / 2))
+
+
+def membrane_contrast(image: np.ndarray, mask: np.ndarray, membrane_px: float) -> float:
+    """How much darker than its surroundings the membrane at the edge of a 2D mask is (units of ``image``).
+
+    The membrane is the darkest band within ``membrane_px`` of the mask's edge
+    (inside or out, so a mask of the lumen and one of the whole vesicle both
+    work); the contrast is the mean of the band one to two membrane widths
+    further out minus the band's. NaN for an empty mask.
+    """
+    if not mask.any():
+        return float("nan")
+    width = max(1.0, float(membrane_px))
+    distances, means = edge_profile(image, mask, 3 * width + 2)
+    return _membrane_fit(distances, means, width)[0]
+
+
+def trim_objects(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    contrast: np.ndarray,
+    score_drop: float,
+    contrast_drop: float,
+    max_regrowth: float = 0.15,
+) -> np.ndarray:
+    """Cut each object's ends where it stops looking like one vesicle; ``labels`` is changed in place.
+
+    ``labels`` ``(Z, Y, X)`` holds object ``k`` as ``k + 1``; ``scores`` and
+    ``contrast`` are ``(n, Z)`` (SAM predicted IoU and membrane contrast, see
+    :func:`membrane_contrast`), NaN where an object is absent. A slice is good
+    when its predicted IoU is at least ``score_drop`` times the object's
+    median and its membrane contrast is positive and at least
+    ``contrast_drop`` times the object's highest. The object keeps the
+    unbroken run of good slices around its good slice of highest contrast, and within it
+    stops where its area, once shrinking away from that slice, grows again by
+    more than ``max_regrowth`` over its smallest (a vesicle only shrinks
+    towards its poles; regrowth is a neighbour or a missing-wedge halo). Returns ``scores`` with erased slices set to NaN.
     """
     scores = np.array(scores, dtype=np.float32, copy=True)
+    boxes = ndi.find_objects(labels, max_label=scores.shape[0])
     for k in range(scores.shape[0]):
-        present = np.flatnonzero(~np.isnan(scores[k]))
-        if not present.size:
+        present = ~np.isnan(scores[k])
+        if not present.any() or boxes[k] is None:
             continue
-        limit = drop * float(np.median(scores[k, present]))
-        good = present[scores[k, present] >= limit]
-        if not good.size:
-            continue
-        for z in present[(present < good[0]) | (present > good[-1])]:
-            plane = labels[z]
+        rows, cols = boxes[k][1:]
+        area = np.array([np.count_nonzero(labels[z, rows, cols] == k + 1) for z in range(labels.shape[0])])
+        c = np.where(present, contrast[k], np.nan)
+        best = np.nanmax(c) if np.isfinite(c).any() else np.nan
+        good = present & (scores[k] >= score_drop * float(np.median(scores[k, present])))
+        keep = np.zeros_like(good)
+        if np.isfinite(best) and best > 0:
+            good &= np.nan_to_num(c, nan=-np.inf) >= max(contrast_drop * best, 0.0)
+        else:
+            good[:] = False  # no slice shows a membrane: not a vesicle, erase it all
+        if good.any():
+            centre = int(np.argmax(np.where(good, np.nan_to_num(c, nan=-np.inf), -np.inf)))
+            lo = hi = centre
+            while lo > 0 and good[lo - 1]:
+                lo -= 1
+            while hi < len(good) - 1 and good[hi + 1]:
+                hi += 1
+            lo, hi = _shrinking(area, centre, lo, -1, max_regrowth), _shrinking(area, centre, hi, 1, max_regrowth)
+            keep[lo : hi + 1] = True
+        for z in np.flatnonzero(present & ~keep):
+            plane = labels[z, rows, cols]
             plane[plane == k + 1] = 0
             scores[k, z] = np.nan
     return scores
+
+
+def _shrinking(area: np.ndarray, start: int, end: int, step: int, max_regrowth: float) -> int:
+    """Last slice from ``start`` towards ``end`` before the area, once shrinking, grows again past its minimum.
+
+    The area may grow at first (``start`` need not be the largest
+    cross-section); it is shrinking once it is 10% below its largest so far.
+    """
+    largest = smallest = float(area[start])
+    shrinking = False
+    z = start
+    while z != end:
+        nxt = z + step
+        value = float(area[nxt])
+        if shrinking and value > (1 + max_regrowth) * smallest:
+            break
+        largest = max(largest, value)
+        if not shrinking and value < 0.9 * largest:
+            shrinking, smallest = True, value
+        smallest = min(smallest, value)
+        z = nxt
+    return z
+
+
+def snap_slices(labels: np.ndarray, volume: np.ndarray, n: int, membrane_px: float) -> np.ndarray:
+    """Grow each object on each slice out to its membrane's outer edge; return the membrane contrast ``(n, Z)``.
+
+    SAM outlines the lumen on some slices and the whole vesicle on others;
+    growing every 2D mask to the outer edge of the dark band around it (see
+    :func:`membrane_contrast`, at most two membrane widths, into background
+    only) makes an object's cross-sections comparable from slice to slice.
+    ``labels`` ``(Z, Y, X)`` (object ``k`` is ``k + 1``) is changed in place;
+    ``volume`` has membranes dark. Contrast is NaN where an object is absent.
+    """
+    table = np.full((n, labels.shape[0]), np.nan, np.float32)
+    width = max(1.0, float(membrane_px))
+    reach = int(math.ceil(3 * width + 4))
+    for z in range(labels.shape[0]):
+        plane = labels[z]
+        grown = plane.copy()
+        for k, box in enumerate(ndi.find_objects(plane)):
+            if box is None or k >= n:
+                continue
+            # Only the object's box and the bands around it matter.
+            crop = tuple(slice(max(0, b.start - reach), b.stop + reach) for b in box)
+            mask = plane[crop] == k + 1
+            distances, means = edge_profile(volume[z][crop], mask, 3 * width + 2)
+            table[k, z], growth = _membrane_fit(distances, means, width)
+            growth = min(growth, 2 * width)
+            if growth > 0:
+                reach_out = ndi.distance_transform_edt(~mask) <= growth
+                grown[crop][reach_out & (plane[crop] == 0)] = k + 1
+        labels[z] = grown
+    return table
 
 
 def label_dtype_for(count: int) -> np.dtype:
@@ -456,27 +654,95 @@ def relabel_volume(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return lut[labels], old
 
 
-def _grow(labels: np.ndarray, distance_nm: float, spacing_nm: tuple[float, float, float]) -> np.ndarray:
-    """Grow every object by ``distance_nm`` into the background; neighbours split the space between them."""
-    if distance_nm <= 0 or not labels.any():
-        return labels
-    distance, index = ndi.distance_transform_edt(labels == 0, sampling=spacing_nm, return_indices=True)
-    grown = labels[tuple(index)]
-    grown[distance > distance_nm] = 0
-    return grown
+def snap_to_membrane(
+    labels: np.ndarray, image: np.ndarray, spacing_nm: tuple[float, float, float], membrane_nm: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Grow each object out to the outer edge of the dark membrane around it.
+
+    SAM outlines either the lumen or the whole vesicle. For every object the
+    mean of ``image`` (membranes dark) in shells around its surface locates
+    the membrane (see :func:`edge_profile`); the object grows by the distance
+    to the membrane's outer half, at most two membrane widths, into
+    background only (a voxel claimed by several objects goes to the nearest).
+    Returns the grown labels and each object's growth in nm (index ``id - 1``).
+    """
+    labels = np.asarray(labels)
+    out = labels.copy()
+    n = int(labels.max(initial=0))
+    growth = np.zeros(n, np.float64)
+    if membrane_nm <= 0 or not n:
+        return out, growth
+    spacing = np.asarray(spacing_nm, np.float64)
+    reach_nm = 3 * membrane_nm + 2 * float(spacing.min())
+    margin = np.ceil(reach_nm / spacing).astype(int)
+    nearest = np.full(labels.shape, np.inf, np.float32)
+    for index, box in enumerate(ndi.find_objects(labels)):
+        if box is None:
+            continue
+        label = index + 1
+        crop = tuple(slice(max(0, b.start - m), b.stop + m) for b, m in zip(box, margin))
+        local = labels[crop]
+        mask = local == label
+        distances, means = edge_profile(image[crop], mask, reach_nm, tuple(spacing))
+        _, grow = _membrane_fit(distances, means, membrane_nm)
+        growth[index] = grow = min(grow, 2 * membrane_nm)
+        if grow <= 0:
+            continue
+        distance = ndi.distance_transform_edt(~mask, sampling=spacing).astype(np.float32)
+        claim = (local == 0) & (distance <= grow) & (distance < nearest[crop])
+        out[crop][claim] = label
+        nearest[crop][claim] = distance[claim]
+    return out, growth
+
+
+def clip_to_sphere(labels: np.ndarray, spacing_nm: tuple[float, float, float]) -> np.ndarray:
+    """Clip every object to the ball of its equatorial radius around its centroid (in place; returned).
+
+    The missing wedge blurs a vesicle's poles away along z: near them a slice
+    still shows a ring of about the equatorial radius, so the 2D masks stack
+    up into a cylinder. The equatorial radius (median radius of the slices in
+    the middle half of the object's z-extent) is reliable, so each object is
+    cut to the ball of that radius (plus half a voxel).
+    """
+    spacing = np.asarray(spacing_nm, np.float64)
+    pixel_nm2 = spacing[1] * spacing[2]
+    for index, box in enumerate(ndi.find_objects(labels)):
+        if box is None:
+            continue
+        label = index + 1
+        mask = labels[box] == label
+        areas = mask.reshape(mask.shape[0], -1).sum(axis=1)
+        present = np.flatnonzero(areas)
+        first, last = present[0], present[-1]
+        quarter = (last - first) / 4
+        middle = present[(present >= first + quarter) & (present <= last - quarter)]
+        radius = float(np.median(np.sqrt(areas[middle] * pixel_nm2 / np.pi))) + 0.5 * float(spacing.max())
+        coords = np.nonzero(mask)
+        centre = [c.mean() for c in coords]
+        offsets = [(c - m) * s for c, m, s in zip(coords, centre, spacing)]
+        outside = offsets[0] ** 2 + offsets[1] ** 2 + offsets[2] ** 2 > radius**2
+        if outside.any():
+            region = labels[box]
+            region[tuple(c[outside] for c in coords)] = 0
+    return labels
 
 
 def finish_labels(
-    labels: np.ndarray, spacing_nm: tuple[float, float, float], membrane_nm: float, min_diameter_nm: float
+    labels: np.ndarray, image: np.ndarray, spacing_nm: tuple[float, float, float], membrane_nm: float,
+    min_diameter_nm: float, sphere: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Grow lumens by the membrane, split objects into connected 3D pieces, drop fragments, relabel.
+    """Snap objects to their membranes, clip them to spheres, split them into connected 3D pieces, relabel.
 
+    ``image`` is the volume with membranes dark (see :func:`snap_to_membrane`);
+    ``sphere``: clip with :func:`clip_to_sphere`.
     Pieces whose volume-equivalent diameter is below half of
     ``min_diameter_nm`` are fragments. Returns the labels ``1..N`` and, for
     each, the id it had in ``labels``.
     """
-    grown = _grow(np.asarray(labels), membrane_nm, spacing_nm)
-    out = np.zeros(grown.shape, dtype=np.int64)
+    grown, _ = snap_to_membrane(np.asarray(labels), image, spacing_nm, membrane_nm)
+    if sphere:
+        clip_to_sphere(grown, spacing_nm)
+    out = np.zeros(grown.shape, dtype=np.int32)
     origin: list[int] = []
     voxel_nm3 = float(np.prod(spacing_nm))
     min_voxels = (math.pi / 6) * (min_diameter_nm / 2) ** 3 / voxel_nm3
@@ -535,6 +801,7 @@ def segment_vesicles(
     spacing_nm = tuple(s / 10.0 for s in spacing_a)
     pixel_nm = math.sqrt(spacing_nm[1] * spacing_nm[2])
     window = settings.background_nm / pixel_nm
+    membrane_px = settings.membrane_nm / pixel_nm
     depth = volume.shape[0]
     step = settings.z_step
     centres = slab_centres(depth, settings)
@@ -542,8 +809,11 @@ def segment_vesicles(
     offset = centres[0] % step
     sampled = np.arange(offset, depth, step)
 
-    prepared = prepare_volume(volume, settings.z_smoothing, window)[offset::step]
-    found = np.zeros((len(sampled), *volume.shape[1:]), dtype=np.int64)
+    prepared = prepare_volume(volume, settings.z_smoothing, window)
+    sampled_view = prepared[offset::step]
+    # SAM's copy: 8 bits are plenty for an image it sees as 8-bit RGB anyway.
+    sam_volume = np.rint(255.0 - sampled_view if settings.invert else sampled_view).astype(np.uint8)
+    found = np.zeros((len(sampled), *volume.shape[1:]), dtype=np.int32)
     all_scores: list[np.ndarray] = []
     counts: list[int] = []
     first_slab = None
@@ -563,10 +833,11 @@ def segment_vesicles(
             if not len(candidates):
                 continue
             prompts = [Prompt(box=_mask_box(m), z=zs) for m in candidates.masks]
-            result = segment_volume(predictor, prepared, prompts, settings.propagation, intensity="none",
+            result = segment_volume(predictor, sam_volume, prompts, settings.propagation, intensity="none",
                                     progress=progress)
-            labels = result.labels.astype(np.int64)
-            scores = trim_by_score(labels, result.scores, settings.score_drop)
+            labels = np.asarray(result.labels, dtype=np.int32)
+            contrast = snap_slices(labels, sampled_view, len(prompts), membrane_px)
+            scores = trim_objects(labels, result.scores, contrast, settings.score_drop, settings.contrast_drop)
             # Objects of this slab fill only background: earlier objects keep their voxels.
             free = (found == 0) & (labels > 0)
             found[free] = labels[free] + len(all_scores)
@@ -574,14 +845,15 @@ def segment_vesicles(
     # Back to every slice: each one takes the nearest propagated slice.
     nearest = np.clip(np.rint((np.arange(depth) - offset) / step).astype(int), 0, len(sampled) - 1)
     found = found[nearest]
-    labels, origin = finish_labels(found, spacing_nm, settings.membrane_nm, settings.min_diameter_nm)
+    labels, origin = finish_labels(found, prepared, spacing_nm, settings.membrane_nm, settings.min_diameter_nm,
+                                   settings.sphere)
     scores = np.full((len(origin), depth), np.nan, np.float32)
     for k, box in enumerate(ndi.find_objects(labels)):
         if box is not None:
             # A piece keeps its parent's scores on the slices it occupies.
             z = np.arange(box[0].start, box[0].stop)
             scores[k, z] = all_scores[origin[k] - 1][nearest[z]]
-    return VesicleSegmentation(labels, scores, centres, first_slab.astype(np.uint8), counts)
+    return VesicleSegmentation(labels, scores, centres, np.rint(first_slab).astype(np.uint8), counts)
 
 
 def _mask_box(mask: np.ndarray) -> np.ndarray:
