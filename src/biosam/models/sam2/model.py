@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..common import MLP
+from ..sam import _CPU_PROMPT_CHUNK  # the same cache-sized prompt groups as SAM v1
 from .config import Sam2Config
 from .hiera import build_hiera
 from .image_encoder import FpnNeck, Sam2ImageEncoder
@@ -29,8 +30,6 @@ DECODE_SIZE = 256
 NO_OBJECT_SCORE = -1024.0
 # SAM 2 clamps the low-res logits it hands out to this range; mask prompts are clamped alike.
 _MASK_PROMPT_LIMIT = 32.0
-# Prompts decoded together on a CPU (as biosam.models.sam.Sam.decode, for the same cache reason).
-_CPU_PROMPT_CHUNK = 8
 
 
 class Sam2ImageFeatures(NamedTuple):
