@@ -30,7 +30,7 @@ SIDE = 1024
 
 
 class DriftingDisk:
-    """A lazy (depth, 1024, 1024) uint8 volume: a disk of radius 150 px drifting 1 px per slice, plus noise."""
+    """A lazy (depth, 1024, 1024) uint8 volume: a disk of radius 150 px circling slowly (under 1 px per slice), plus noise."""
 
     def __init__(self, depth: int) -> None:
         self.shape = (depth, SIDE, SIDE)
@@ -38,7 +38,9 @@ class DriftingDisk:
         self._yy, self._xx = np.mgrid[:SIDE, :SIDE]
 
     def center(self, z: int) -> tuple[float, float]:
-        return 400.0 + 0.5 * (z % 200), 500.0 + 0.3 * (z % 300)
+        # A smooth path: the object never jumps, so it can be followed through every slice.
+        angle = 2 * np.pi * z / 600
+        return 500.0 + 80 * np.sin(angle), 500.0 + 80 * (1 - np.cos(angle))
 
     def __getitem__(self, z: int) -> np.ndarray:
         cy, cx = self.center(int(z))

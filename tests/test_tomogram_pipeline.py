@@ -258,8 +258,8 @@ def test_cli_needs_a_voxel_size(tmp_path):
     tomo_path = _mrc(tmp_path / "tomo.mrc", np.zeros((12, 32, 32)), 0.0)
     res = run("tomogram", tomo_path, "-o", tmp_path / "out.mrc")
     assert res.exit_code != 0 and "voxel size" in res.output and "--voxel-size" in res.output
-    res = run("tomogram", tomo_path, "-o", tmp_path / "out.mrc", "--classifier", tmp_path / "c.pt")
-    assert res.exit_code != 0 and "not available yet" in res.output
+    res = run("tomogram", tomo_path, "-o", tmp_path / "out.mrc", "--keep-classes", "vesicle")
+    assert res.exit_code != 0 and "--keep-classes needs --classifier" in res.output
 
 
 class _FakePredictor:
@@ -272,7 +272,7 @@ def fake_pipeline(monkeypatch, tomo):
     """`biosam tomogram` without the model: the pipeline returns the true vesicles."""
     import biosam.tomogram.pipeline as pipeline
 
-    def segment(predictor, volume, voxel_size, settings, progress=True):
+    def segment(predictor, volume, voxel_size, settings, classifier=None, keep=None, progress=True):
         labels = tomo.labels.astype(np.uint16)
         return VesicleSegmentation(labels, np.full((6, 40), 0.9, np.float32), [20], np.zeros((128, 128), np.uint8), [6])
 

@@ -4,32 +4,39 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import xxhash
 
 from biosam.errors import InputError
-from biosam.models import CONFIGS, load_sam_checkpoint, read_state_dict
+from biosam.models import CONFIGS, CheckpointError, Sam, load_sam_checkpoint, read_state_dict
+from biosam.models.checkpoint import read_checkpoint
 from biosam.models.config import config_name
 from biosam.models.precision import resolve_precision
 from biosam.models.sam2.checkpoint import default_image_size, is_sam2_state_dict, load_sam2_state_dict
 from biosam.models.sam2.config import SAM2_CONFIGS
 from biosam.prompting.preprocess import PREPROCESSINGS
 from biosam.zoo import ModelSpec, list_specs, resolve_checkpoint
+from biosam.zoo.errors import ZooError
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class ModelInfo:
-    """Where a loaded model came from and how its inputs must be prepared."""
+    """Where a loaded model came from and how its inputs must be prepared.
+
+    ``metadata``: what a checkpoint written by biosam's fine-tuning records (base
+    model, preprocessing, architecture, settings, metrics); None for other files.
+    """
 
     name: str
     preprocessing: str
     checkpoint: Path
     spec: ModelSpec | None = None
+    metadata: dict | None = field(default=None, repr=False)
     _hash: str | None = field(default=None, repr=False)
 
     @property
@@ -68,23 +75,67 @@ def _guess_preprocessing(path: Path, architecture: str | None) -> str:
     return "lite_medsam" if architecture == "lite_medsam" else "sam"
 
 
-def _load_file(path: Path, spec: ModelSpec | None) -> tuple[torch.nn.Module, str | None]:
-    """The model of a checkpoint file and its architecture name (for guessing the preprocessing).
+def _load_file(path: Path, spec: ModelSpec | None) -> tuple[torch.nn.Module, str | None, dict | None]:
+    """The model of a checkpoint file, its architecture name (for guessing the preprocessing) and biosam metadata.
 
     Zoo entries name their architecture; other files are read once and routed by their keys
-    to the SAM 2 or the SAM v1 loader.
+    to the SAM 2 or the SAM v1 loader, or, for a fine-tuning adapter file, to its base model.
     """
     if spec is not None and spec.family == "sam2":
         config = SAM2_CONFIGS.get(spec.name)
-        return load_sam2_state_dict(read_state_dict(path), config, str(path), default_image_size(path)), "sam2"
+        return load_sam2_state_dict(read_state_dict(path), config, str(path), default_image_size(path)), "sam2", None
     if spec is not None:
-        return load_sam_checkpoint(path, CONFIGS[spec.architecture]), spec.architecture
-    state = read_state_dict(path)
+        return load_sam_checkpoint(path, CONFIGS[spec.architecture]), spec.architecture, None
+    state, metadata = read_checkpoint(path)
+    if metadata is not None and metadata.get("kind") == "lora_adapters":
+        return _load_adapters(path, state, metadata), metadata.get("architecture"), metadata
     if is_sam2_state_dict(state):
         # the input size leaves no trace in the tensors: judged by the file name (MedSAM2: 512 px)
-        return load_sam2_state_dict(state, None, str(path), default_image_size(path)), "sam2"
+        return load_sam2_state_dict(state, None, str(path), default_image_size(path)), "sam2", metadata
     model = load_sam_checkpoint(path, None, state=state)
-    return model, config_name(model.config)
+    if metadata is not None and metadata.get("config") not in (None, _config_dict(model)):
+        raise CheckpointError(
+            f"{path}: its metadata describes a '{metadata.get('architecture') or 'custom'}' model, but its tensors "
+            f"are a '{config_name(model.config) or 'custom'}' model; the file is inconsistent, write it again."
+        )
+    return model, config_name(model.config), metadata
+
+
+def _config_dict(model: Sam) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(model.config).items()}
+
+
+def _load_adapters(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> Sam:
+    """The base model named by a LoRA adapter file, with the adapters (and fully trained tensors) merged in."""
+    from biosam.train.lora import DEFAULT_TARGETS, apply_adapters
+
+    base, lora = metadata.get("base_model"), metadata.get("lora") or {}
+    if not base or not lora.get("rank"):
+        raise CheckpointError(f"{path}: adapter file without its base model or LoRA rank in the metadata")
+    try:
+        base_path, base_spec = resolve_checkpoint(base)
+    except ZooError as exc:
+        raise CheckpointError(
+            f"{path}: the adapters belong to the base model '{base}', which cannot be loaded ({exc}). "
+            "Put the base checkpoint back at that path, or use a merged checkpoint."
+        ) from exc
+    model, architecture, _ = _load_file(Path(base_path), base_spec)
+    if not isinstance(model, Sam) or _config_dict(model) != metadata.get("config"):
+        raise CheckpointError(
+            f"{path}: the adapters were trained on a '{metadata.get('architecture') or 'custom'}' model, but the "
+            f"base model '{base}' is a '{architecture or 'custom'}' model; they cannot be applied to it."
+        )
+    expected_hash = metadata.get("base_checkpoint_hash")
+    if expected_hash and ModelInfo(str(base), "", Path(base_path)).checkpoint_hash != expected_hash:
+        raise CheckpointError(
+            f"{path}: the base model file {base_path} has changed since the adapters were trained on it "
+            "(other weights, same architecture); restore that file or use a merged checkpoint."
+        )
+    try:
+        return apply_adapters(model, tensors, int(lora["rank"]), float(lora.get("alpha", lora["rank"])),
+                              lora.get("targets", DEFAULT_TARGETS))
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: the adapters do not fit the base model '{base}': {exc}") from exc
 
 
 def load_model(
@@ -100,7 +151,9 @@ def load_model(
     no network. A local file not in the zoo has its architecture inferred from
     its tensors and gets the preprocessing of its file name's zoo entry, else
     SAM's (LiteMedSAM's for a LiteMedSAM-shaped file, SAM 2's for a SAM 2 file,
-    which runs at 1024 px, MedSAM2 files at 512 px); pass ``preprocessing``
+    which runs at 1024 px, MedSAM2 files at 512 px). A model written by
+    ``biosam train sam`` keeps its base model's preprocessing; an adapter file
+    (``--lora-separate``) loads its base model and merges the adapters into it. Pass ``preprocessing``
     (``"sam"``, ``"medsam"``, ``"lite_medsam"``, ``"sam2"``) to override. ``precision``
     (``"auto"``, ``"fp32"``, ``"bf16"``) is the image encoder's arithmetic;
     ``auto`` is bf16 only where the device computes it natively (see
@@ -112,11 +165,13 @@ def load_model(
     device = _device(device)
     precision = resolve_precision(precision, device)
     path, spec = resolve_checkpoint(name_or_path)
-    model, architecture = _load_file(Path(path), spec)
+    model, architecture, metadata = _load_file(Path(path), spec)
+    if preprocessing is None and metadata is not None and metadata.get("preprocessing") in PREPROCESSINGS:
+        preprocessing = metadata["preprocessing"]  # a fine-tuned model keeps its base model's preprocessing
     if preprocessing is None:
         preprocessing = spec.preprocessing if spec is not None else _guess_preprocessing(Path(path), architecture)
     name = spec.name if spec is not None else str(path)
-    model.info = ModelInfo(name=name, preprocessing=preprocessing, checkpoint=Path(path), spec=spec)
+    model.info = ModelInfo(name=name, preprocessing=preprocessing, checkpoint=Path(path), spec=spec, metadata=metadata)
     model.precision = precision
     logger.info("loaded %s (%s preprocessing) on %s, %s", name, preprocessing, device, precision)
     return model.eval().to(device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import click
 import numpy as np
@@ -28,10 +29,14 @@ from biosam.cli.common import check_overlay, input_options, write_overlay
 @click.option("--pred-iou-thresh", type=float, default=None, help="amg: keep masks with a predicted IoU above this.")
 @click.option("--stability-thresh", type=float, default=None, help="amg: keep masks with a stability score above this.")
 @click.option("--z", type=int, default=None, help="Segment only this slice of a volume (default: every slice).")
+@click.option("--classifier", type=click.Path(path_type=Path), default=None,
+              help="Mask classifier (from `biosam train classifier`): keep only the objects it puts in --keep-classes.")
+@click.option("--keep-classes", default=None, metavar="NAME,...",
+              help="With --classifier: classes to keep (default: every class but background).")
 @click.option("--link-iou", type=float, default=0.3, show_default=True,
               help="Volumes: objects of neighbouring slices overlapping by this IoU become one 3D object; 0 keeps slices apart.")
 @input_options
-def auto(image, output, mode, decoder, tile, halo, object_size, scale, points_per_side, pred_iou_thresh, stability_thresh, z, link_iou, intensity, t,
+def auto(image, output, mode, decoder, tile, halo, object_size, scale, points_per_side, pred_iou_thresh, stability_thresh, z, classifier, keep_classes, link_iou, intensity, t,
          channel, axes, level, series, model, device, precision, embeddings, overlay, as_json, overwrite) -> None:
     """Find every object in IMAGE and write an instance label image to OUTPUT.
 
@@ -55,6 +60,8 @@ def auto(image, output, mode, decoder, tile, halo, object_size, scale, points_pe
     from biosam.io.overlay import render_overlay
     from biosam.prompting.intensity import resolve_preset
 
+    from skimage.segmentation import relabel_sequential
+
     from biosam.volume import SliceLinker
 
     if not 0.0 <= link_iou <= 1.0:
@@ -76,6 +83,16 @@ def auto(image, output, mode, decoder, tile, halo, object_size, scale, points_pe
     elif decoder is not None or object_size is not None:
         raise click.UsageError("--decoder and --object-size are used with --mode ais only (--scale works with both).")
     applied = working_scale(settings, settings.decoder if mode == "ais" else None)
+    keep = keep_classes.split(",") if keep_classes else None
+    judge = None
+    if classifier is not None:
+        from biosam.classify import classify_labels, load_classifier
+
+        judge = load_classifier(classifier, predictor.model, source="image")
+        judge.keep_ids(keep)  # unknown class names are refused before any work
+    elif keep_classes is not None:
+        raise click.UsageError("--keep-classes needs --classifier.")
+    rejected = 0
 
     start = time.perf_counter()
     volume = "Z" in meta.axes and depth > 1
@@ -88,6 +105,11 @@ def auto(image, output, mode, decoder, tile, halo, object_size, scale, points_pe
             key = zz if "Z" in meta.axes else None
             plane = read_plane(data, meta, key, t, channel)
             labels = segment_automatic(predictor, plane, settings, progress=True)
+            if judge is not None:
+                found = int(labels.max())
+                labels, kept = classify_labels(judge, predictor.model, to_uint8(plane, intensity), labels, keep)
+                labels = relabel_sequential(labels)[0]
+                rejected += found - len(kept)
             if linker is not None:  # 3D ids, unique across the volume
                 before = linker.count
                 labels = linker.add(labels)
@@ -109,7 +131,9 @@ def auto(image, output, mode, decoder, tile, halo, object_size, scale, points_pe
         report = {"image": str(image), "input": meta.summary(), "model": predictor.info.name, "mode": mode,
                   "decoder": (settings.decoder.info or {}).get("source") if mode == "ais" else None,
                   "intensity": resolve_preset(intensity, np.dtype(meta.dtype)), "scale": applied, "output": str(output), "overlay": str(overlay) if overlay else None,
-                  "objects": sum(r["objects"] for r in results), "seconds": round(time.perf_counter() - start, 2)}
+                  "objects": sum(r["objects"] for r in results),
+                  "classifier": str(classifier) if classifier else None, "rejected_by_classifier": rejected,
+                  "seconds": round(time.perf_counter() - start, 2)}
         if volume:
             report["slices"] = results
         click.echo(json.dumps(report, indent=2))

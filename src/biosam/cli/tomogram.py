@@ -165,7 +165,10 @@ def _remove(written: list[str]) -> None:
 @click.option("--voxel-size", type=float, default=None,
               help="Voxel size in Å, for files whose header does not record it (overrides the header).")
 @click.option("--classifier", type=click.Path(path_type=Path), default=None,
-              help="Vesicle classifier checkpoint: not available yet (comes with a later release).")
+              help="Mask classifier trained on tomogram candidates (`biosam train classifier`): only the slab "
+                   "candidates it puts in --keep-classes are followed through z.")
+@click.option("--keep-classes", default=None, metavar="NAME,...",
+              help="With --classifier: classes to keep (default: every class but background).")
 @click.option("--copick-object", default="vesicle", show_default=True,
               help="copick input: pickable object the picks (and segmentation) are stored under.")
 @click.option("--copick-user", default="biosam", show_default=True, help="copick input: user_id of the outputs.")
@@ -181,7 +184,7 @@ def _remove(written: list[str]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 def tomogram(tomogram, output, csv_path, overlay, z, multi_slab, slab_thickness, method, min_diameter, max_diameter,
-             z_step, voxel_size, classifier, copick_object, copick_user, copick_session, axes, level, model, device,
+             z_step, voxel_size, classifier, keep_classes, copick_object, copick_user, copick_session, axes, level, model, device,
              precision, embeddings, as_json, overwrite) -> None:
     """Find membrane-bound vesicles in TOMOGRAM, segment each in 3D and measure it.
 
@@ -195,9 +198,8 @@ def tomogram(tomogram, output, csv_path, overlay, z, multi_slab, slab_thickness,
     from biosam.io.copick_project import is_copick_uri
     from biosam.io.files import check_output_path
 
-    if classifier is not None:
-        raise click.UsageError("--classifier: classifying vesicles is not available yet (it comes with a later "
-                               "release); run without --classifier.")
+    if keep_classes is not None and classifier is None:
+        raise click.UsageError("--keep-classes needs --classifier.")
     if z is not None and multi_slab is not None:
         raise click.UsageError("give either --z (one slab) or --multi-slab N, not both.")
     if is_copick_uri(output) and csv_path is None:
@@ -245,9 +247,16 @@ def tomogram(tomogram, output, csv_path, overlay, z, multi_slab, slab_thickness,
     from biosam.tomogram.pipeline import segment_vesicles
 
     predictor = Predictor(load_model(model, device=device, precision=precision), store=embeddings)
+    keep = keep_classes.split(",") if keep_classes else None
+    judge = None
+    if classifier is not None:
+        from biosam.classify import load_classifier
+
+        judge = load_classifier(classifier, predictor.model, source="tomogram")
+        judge.keep_ids(keep)
     start = time.perf_counter()
     try:
-        result = segment_vesicles(predictor, volume, spacing, settings, progress=True)
+        result = segment_vesicles(predictor, volume, spacing, settings, classifier=judge, keep=keep, progress=True)
     except BiosamError as exc:
         raise BiosamError(f"{tomogram}: {exc}") from exc
     table = measure_vesicles(result.labels, spacing, result.scores)
@@ -273,7 +282,8 @@ def tomogram(tomogram, output, csv_path, overlay, z, multi_slab, slab_thickness,
         raise
     if as_json:
         report = {"tomogram": str(tomogram), "input": meta.summary(), "voxel_size_A": list(spacing),
-                  "model": predictor.info.name, "method": settings.method, "slabs": result.slabs,
+                  "model": predictor.info.name, "method": settings.method,
+                  "classifier": str(classifier) if classifier else None, "slabs": result.slabs,
                   "candidates": result.candidates, "vesicles": int(len(table["label"])), "output": str(output),
                   "csv": str(csv_path), "overlay": str(overlay) if overlay else None,
                   "copick": targets or None, "seconds": round(time.perf_counter() - start, 2)}

@@ -25,12 +25,16 @@ from .build import build_sam
 from .config import SamConfig, config_name
 from .sam import Sam
 
-__all__ = ["CheckpointError", "infer_config", "load_sam_checkpoint", "read_state_dict"]
+__all__ = [
+    "CheckpointError", "METADATA_KEY", "infer_config", "load_sam_checkpoint", "read_checkpoint", "read_state_dict",
+]
 
 logger = logging.getLogger(__name__)
 
 # checked in this order; the first one holding a mapping is unwrapped
 _WRAPPER_KEYS = ("model_state", "model", "state_dict")
+# the plain dict of facts biosam's fine-tuning writes next to the weights
+METADATA_KEY = "biosam"
 # MobileSAM keeps TinyViT's ImageNet classifier, which SAM never uses
 _UNUSED_PREFIXES = ("image_encoder.head.", "image_encoder.norm_head.")
 _MAX_LISTED = 10
@@ -50,7 +54,36 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     Only tensors and plain containers are unpickled (``weights_only=True``); other
     Python objects make the file unreadable here rather than executing code from it.
     """
+    state, metadata = read_checkpoint(path)
+    if metadata is not None and metadata.get("kind") == "lora_adapters":
+        raise CheckpointError(
+            f"{path}: holds LoRA adapters for the base model '{metadata.get('base_model')}', not a whole model; "
+            "load it with biosam.load_model (or --model), which applies them to that base model"
+        )
+    return state
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict | None]:
+    """Tensors of a checkpoint file (as :func:`read_state_dict`) and its biosam metadata, if any.
+
+    Files written by biosam's fine-tuning carry a plain ``"biosam"`` dict next to the
+    weights (base model, preprocessing, architecture, training settings). An adapter
+    file (metadata ``kind`` ``"lora_adapters"``) gives its adapter tensors, which
+    only make sense on its base model (see :func:`biosam.load_model`).
+    """
     path = Path(path)
+    obj = _read_object(path)
+    metadata = obj.get(METADATA_KEY) if isinstance(obj, Mapping) else None
+    metadata = dict(metadata) if isinstance(metadata, Mapping) else None
+    if metadata is not None and metadata.get("kind") == "lora_adapters":
+        adapters = obj.get("adapters")
+        _check_tensor_mapping(path, adapters)
+        return dict(adapters), metadata
+    return _unwrap(path, obj), metadata
+
+
+def _read_object(path: Path) -> object:
+    """The unpickled file (weights only), with readable errors."""
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
@@ -67,7 +100,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         raise CheckpointError(
             f"{path}: not a SAM v1 checkpoint: torch.load cannot read it ({type(exc).__name__}: {_first_line(exc)})"
         ) from exc
+    return obj
 
+
+def _unwrap(path: Path, obj: object) -> dict[str, Tensor]:
+    """The SAM v1 state dict inside a read checkpoint object."""
     state = obj
     if isinstance(state, Mapping):
         for wrapper in _WRAPPER_KEYS:

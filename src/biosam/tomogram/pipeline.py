@@ -43,7 +43,7 @@ import contextlib
 import logging
 import math
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -71,6 +71,7 @@ __all__ = [
     "local_contrast",
     "prepare_volume",
     "relabel_volume",
+    "sam_view",
     "segment_vesicles",
     "slab_centres",
     "snap_slices",
@@ -376,6 +377,12 @@ def _amg_candidates(predictor: Predictor, slab: np.ndarray, pixel_nm: float, set
     return Candidates(masks, np.array([r.predicted_iou for r in records], np.float32), boxes)
 
 
+def sam_view(slab: np.ndarray, settings: VesicleSettings) -> np.ndarray:
+    """The slab as SAM (and a mask classifier) sees it: membranes bright with ``settings.invert``."""
+    # SAM outlines whole vesicles or lumens more consistently on bright membranes than on dark rings.
+    return 255.0 - slab if settings.invert else slab
+
+
 def find_candidates(
     predictor: Predictor, slab: np.ndarray, pixel_nm: float, settings: VesicleSettings | None = None
 ) -> Candidates:
@@ -392,8 +399,7 @@ def find_candidates(
         raise InputError(f"a slab image is 2D, got shape {slab.shape}.")
     if not pixel_nm > 0:
         raise InputError(f"pixel size must be positive, got {pixel_nm} nm.")
-    # Membranes bright: SAM then outlines whole vesicles or lumens more consistently than on dark rings.
-    predictor.set_image(255.0 - slab if settings.invert else slab, intensity="none")
+    predictor.set_image(sam_view(slab, settings), intensity="none")
     if settings.method == "amg":
         found = _amg_candidates(predictor, slab, pixel_nm, settings)
         expected = None
@@ -787,16 +793,24 @@ def segment_vesicles(
     voxel_size: float | tuple[float, float, float],
     settings: VesicleSettings | None = None,
     *,
+    classifier=None,
+    keep: Sequence[str] | None = None,
     progress: bool = True,
 ) -> VesicleSegmentation:
     """Find membrane-bound vesicles in a tomogram and segment each in 3D.
 
     ``volume`` is ``(Z, Y, X)`` with dense material dark (cryo-ET contrast);
     ``voxel_size`` in Å, one number or ``(z, y, x)``. See the module docstring
-    for the steps and :class:`VesicleSettings` for the parameters.
+    for the steps and :class:`VesicleSettings` for the parameters. With a
+    :class:`~biosam.classify.Classifier` trained on tomogram candidates, only
+    the slab candidates it puts in a class of ``keep`` (default: any but
+    background) are followed through z.
     """
     settings = settings or VesicleSettings()
     volume = _check_volume(volume)
+    if classifier is not None:
+        classifier.check(predictor.model, "tomogram")
+        classifier.keep_ids(keep)
     spacing_a = _spacing(voxel_size)
     spacing_nm = tuple(s / 10.0 for s in spacing_a)
     pixel_nm = math.sqrt(spacing_nm[1] * spacing_nm[2])
@@ -823,6 +837,11 @@ def segment_vesicles(
             if first_slab is None:
                 first_slab = slab
             candidates = find_candidates(predictor, slab, pixel_nm, settings)
+            if classifier is not None and len(candidates):
+                probs = classifier.predict(predictor.model, sam_view(slab, settings), candidates.masks)
+                accepted = np.isin(probs.argmax(axis=1), classifier.keep_ids(keep))
+                logger.info("slab at z=%d: classifier accepts %d of %d candidates", zc, accepted.sum(), len(accepted))
+                candidates = candidates.select(np.flatnonzero(accepted))
             zs = int(np.argmin(np.abs(sampled - zc)))  # the propagated slice nearest the slab centre
             # Drop what an earlier slab's objects already cover, so each vesicle is propagated once.
             covered = found[zs] > 0
