@@ -105,7 +105,7 @@ def main() -> None:
            "--device", "cpu", "--overwrite", "--json"]
     returncode, stdout, seconds, peaks = run_measured(cmd)
     if returncode != 0:
-        sys.exit(f"biosam segment failed with exit code {child.returncode}")
+        sys.exit(f"biosam segment failed with exit code {returncode}")
 
     # Score slice by slice against the generated truth (regenerated, same seed).
     rng = np.random.default_rng(1)

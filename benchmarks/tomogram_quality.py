@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from fidelity import markdown
 
 import biosam
 from biosam.evaluate import match_instances
@@ -101,23 +102,21 @@ def main() -> int:
                 predictor.store = None
     header = ["method", "slabs", "SNR", "F1 @ 3D IoU 0.5", "TP / FP / FN", "mean IoU (matched)",
               "fitted diameter error, median %", "equivalent diameter error, median %", "seconds per run"]
-    lines = [
-        f"Model {args.model}; {len(args.seeds)} tomograms per SNR (seeds {', '.join(map(str, args.seeds))}), "
-        f"shape {tuple(args.shape)} at 10 Å, 20 vesicles of radius 15-40 nm, missing wedge 60°; "
-        f"{platform.processor() or platform.machine()}, total {time.perf_counter() - start_all:.0f} s.",
-        "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-    ]
+    rows = []
     for (method, n_slabs, snr), runs in results.items():
         tp, fp, fn = (sum(r[k] for r in runs) for k in ("tp", "fp", "fn"))
         f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
         fit = np.concatenate([r["fit_err"] for r in runs])
         eq = np.concatenate([r["eq_err"] for r in runs])
         iou = np.nanmean([r["iou"] for r in runs])
-        lines.append(f"| {method} | {n_slabs} | {snr:g} | {f1:.3f} | {tp} / {fp} / {fn} | {iou:.3f} | "
-                     f"{np.median(fit) if fit.size else float('nan'):.1f} | "
-                     f"{np.median(eq) if eq.size else float('nan'):.1f} | "
-                     f"{np.mean([r['seconds'] for r in runs]):.0f} |")
-    text = "\n".join(lines)
+        rows.append([method, str(n_slabs), f"{snr:g}", f"{f1:.3f}", f"{tp} / {fp} / {fn}", f"{iou:.3f}",
+                     f"{np.median(fit) if fit.size else float('nan'):.1f}",
+                     f"{np.median(eq) if eq.size else float('nan'):.1f}",
+                     f"{np.mean([r['seconds'] for r in runs]):.0f}"])
+    text = (f"Model {args.model}; {len(args.seeds)} tomograms per SNR (seeds {', '.join(map(str, args.seeds))}), "
+            f"shape {tuple(args.shape)} at 10 Å, 20 vesicles of radius 15-40 nm, missing wedge 60°; "
+            f"{platform.processor() or platform.machine()}, total {time.perf_counter() - start_all:.0f} s.\n\n"
+            + markdown(header, rows))
     print(text)
     if args.out:
         args.out.write_text(text + "\n")

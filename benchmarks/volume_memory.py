@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 from _memory import run_measured
+from fidelity import markdown
 
 SIDE = 1024
 
@@ -104,13 +105,12 @@ def main() -> int:
             rows.append({**report, "peak_mib": peaks["RssAnon"] / 2**20})
             print(rows[-1], flush=True)
     base = rows[0]["peak_mib"]
-    lines = [f"Model {args.model} ({rows[0]['precision']}), {platform.processor() or platform.machine()}, "
-             f"one object through 1024 x 1024 slices.", "",
-             "| slices | object found on | seconds | slices/s | peak private memory MiB | vs first |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['slices']} | {r['found']} | {r['seconds']:.0f} | {r['slices'] / r['seconds']:.2f} | "
-                     f"{r['peak_mib']:.0f} | {r['peak_mib'] / base:.3f} |")
-    text = "\n".join(lines)
+    header = ["slices", "object found on", "seconds", "slices/s", "peak private memory MiB", "vs first"]
+    table = markdown(header, [[str(r["slices"]), str(r["found"]), f"{r['seconds']:.0f}",
+                               f"{r['slices'] / r['seconds']:.2f}", f"{r['peak_mib']:.0f}",
+                               f"{r['peak_mib'] / base:.3f}"] for r in rows])
+    text = (f"Model {args.model} ({rows[0]['precision']}), {platform.processor() or platform.machine()}, "
+            f"one object through 1024 x 1024 slices.\n\n{table}")
     print(text)
     if args.out:
         args.out.write_text(text + "\n")

@@ -7,7 +7,6 @@ MRI, pydicom's CT slice as a series, an EMDB map, a cryo-ET tomogram in a copick
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import imageio.v3 as iio
 import mrcfile

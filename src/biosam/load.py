@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -13,7 +13,7 @@ import xxhash
 from biosam.errors import InputError
 from biosam.models import CONFIGS, CheckpointError, Sam, load_sam_checkpoint, read_state_dict
 from biosam.models.checkpoint import read_checkpoint
-from biosam.models.config import config_name
+from biosam.models.config import config_dict, config_name
 from biosam.models.precision import resolve_precision
 from biosam.models.sam2.checkpoint import default_image_size, is_sam2_state_dict, load_sam2_state_dict
 from biosam.models.sam2.config import SAM2_CONFIGS
@@ -93,16 +93,12 @@ def _load_file(path: Path, spec: ModelSpec | None) -> tuple[torch.nn.Module, str
         # the input size leaves no trace in the tensors: judged by the file name (MedSAM2: 512 px)
         return load_sam2_state_dict(state, None, str(path), default_image_size(path)), "sam2", metadata
     model = load_sam_checkpoint(path, None, state=state)
-    if metadata is not None and metadata.get("config") not in (None, _config_dict(model)):
+    if metadata is not None and metadata.get("config") not in (None, config_dict(model.config)):
         raise CheckpointError(
             f"{path}: its metadata describes a '{metadata.get('architecture') or 'custom'}' model, but its tensors "
             f"are a '{config_name(model.config) or 'custom'}' model; the file is inconsistent, write it again."
         )
     return model, config_name(model.config), metadata
-
-
-def _config_dict(model: Sam) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(model.config).items()}
 
 
 def _load_adapters(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> Sam:
@@ -120,7 +116,7 @@ def _load_adapters(path: Path, tensors: dict[str, torch.Tensor], metadata: dict)
             "Put the base checkpoint back at that path, or use a merged checkpoint."
         ) from exc
     model, architecture, _ = _load_file(Path(base_path), base_spec)
-    if not isinstance(model, Sam) or _config_dict(model) != metadata.get("config"):
+    if not isinstance(model, Sam) or config_dict(model.config) != metadata.get("config"):
         raise CheckpointError(
             f"{path}: the adapters were trained on a '{metadata.get('architecture') or 'custom'}' model, but the "
             f"base model '{base}' is a '{architecture or 'custom'}' model; they cannot be applied to it."

@@ -10,32 +10,43 @@ import click
 
 from biosam.prompting.intensity import INTENSITY_PRESETS
 
-_INPUT_OPTIONS = [
-    click.option("--intensity", type=click.Choice(INTENSITY_PRESETS), default="auto", show_default=True,
+_INPUT_OPTIONS = {
+    "intensity": click.option("--intensity", type=click.Choice(INTENSITY_PRESETS), default="auto", show_default=True,
                  help="Intensity normalisation: auto = uint8 as is, else percentile 1-99.8; ct-* are HU windows."),
-    click.option("--t", type=int, default=None, help="Time point of a time series."),
-    click.option("--channel", type=int, default=None,
+    "t": click.option("--t", type=int, default=None, help="Time point of a time series."),
+    "channel": click.option("--channel", type=int, default=None,
                  help="Segment this channel alone (default: RGB, or a composite of all channels)."),
-    click.option("--axes", default=None, help="Axis letters of a TIFF or Zarr array when its metadata do not say (e.g. ZYX, YXC)."),
-    click.option("--level", type=int, default=None, help="Resolution level of an OME-Zarr image (0 = full resolution)."),
-    click.option("--series", default=None, metavar="UID", help="SeriesInstanceUID to read from a DICOM folder holding several."),
-    click.option("--model", default="lite_medsam", show_default=True, help="Zoo name (see `biosam models`) or checkpoint path."),
-    click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda if available, else cpu."),
-    click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+    "axes": click.option("--axes", default=None, help="Axis letters of a TIFF or Zarr array when its metadata do not say (e.g. ZYX, YXC)."),
+    "level": click.option("--level", type=int, default=None, help="Resolution level of an OME-Zarr image (0 = full resolution)."),
+    "series": click.option("--series", default=None, metavar="UID", help="SeriesInstanceUID to read from a DICOM folder holding several."),
+    "model": click.option("--model", default="lite_medsam", show_default=True, help="Zoo name (see `biosam models`) or checkpoint path."),
+    "device": click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda if available, else cpu."),
+    "precision": click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
                  help="Image encoder arithmetic; auto = fp32 (bf16 is faster where native but misses our agreement targets)."),
-    click.option("--embeddings", "embeddings", type=click.Path(path_type=Path), default=None,
+    "embeddings": click.option("--embeddings", "embeddings", type=click.Path(path_type=Path), default=None,
                  help="Zarr store of image embeddings: reused when present, added when new (resumes interrupted runs)."),
-    click.option("--overlay", type=click.Path(path_type=Path), help="Also write a picture of the result (.png)."),
-    click.option("--json", "as_json", is_flag=True, help="Print a JSON report of the result."),
-    click.option("--overwrite", is_flag=True, help="Replace existing output files."),
-]
+    "overlay": click.option("--overlay", type=click.Path(path_type=Path), help="Also write a picture of the result (.png)."),
+    "as_json": click.option("--json", "as_json", is_flag=True, help="Print a JSON report of the result."),
+    "overwrite": click.option("--overwrite", is_flag=True, help="Replace existing output files."),
+}
 
 
-def input_options(command: Callable) -> Callable:
-    """The options every image-to-labels command takes (reading, model, outputs)."""
-    for option in reversed(_INPUT_OPTIONS):
-        command = option(command)
-    return command
+def input_options(command: Callable | None = None, *, only: tuple[str, ...] | None = None) -> Callable:
+    """The options every image-to-labels command takes (reading, model, outputs), or ``only`` the named ones.
+
+    Use as ``@input_options`` or ``@input_options(only=("model", "device"))``.
+    """
+    unknown = set(only or ()) - set(_INPUT_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown shared options {sorted(unknown)}")
+    chosen = [option for name, option in _INPUT_OPTIONS.items() if only is None or name in only]
+
+    def apply(cmd: Callable) -> Callable:
+        for option in reversed(chosen):
+            cmd = option(cmd)
+        return cmd
+
+    return apply if command is None else apply(command)
 
 
 def check_overlay(overlay: Path | None, output: str, overwrite: bool) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import click
 import numpy as np
 
+from biosam.cli.common import input_options
 from biosam.errors import BiosamError, InputError
 
 logger = logging.getLogger(__name__)
@@ -173,16 +174,7 @@ def _remove(written: list[str]) -> None:
               help="copick input: pickable object the picks (and segmentation) are stored under.")
 @click.option("--copick-user", default="biosam", show_default=True, help="copick input: user_id of the outputs.")
 @click.option("--copick-session", default="0", show_default=True, help="copick input: session_id of the outputs.")
-@click.option("--axes", default=None, help="Axis letters of a TIFF or Zarr array when its metadata do not say (e.g. ZYX).")
-@click.option("--level", type=int, default=None, help="Resolution level of an OME-Zarr image (0 = full resolution).")
-@click.option("--model", default="lite_medsam", show_default=True, help="Zoo name (see `biosam models`) or checkpoint path.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda if available, else cpu.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
-              help="Image encoder arithmetic.")
-@click.option("--embeddings", type=click.Path(path_type=Path), default=None,
-              help="Zarr store of slice embeddings: reused when present, added when new.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
-@click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+@input_options(only=("axes", "level", "model", "device", "precision", "embeddings", "as_json", "overwrite"))
 def tomogram(tomogram, output, csv_path, overlay, z, multi_slab, slab_thickness, method, min_diameter, max_diameter,
              z_step, voxel_size, classifier, keep_classes, copick_object, copick_user, copick_session, axes, level, model, device,
              precision, embeddings, as_json, overwrite) -> None:

@@ -101,9 +101,11 @@ def decoder(images, labels, output, model, val_fraction, epochs, patience, tile,
         v = result.validation
         click.echo(f"validation: F1@0.5 {v['f1']:.3f}, mSA {v['msa']:.3f} "
                    f"({v['n_pred']} objects found, {v['n_gt']} true)")
-from biosam.cli import train_sam as _train_sam  # noqa: E402,F401  (registers `biosam train sam`)
 
 
-from biosam.cli.train_classifier import classifier as _classifier  # noqa: E402 - registered after the group exists
+# The subcommands in their own modules, registered once the group exists.
+from biosam.cli.train_classifier import classifier as _classifier  # noqa: E402
+from biosam.cli.train_sam import sam as _sam  # noqa: E402
 
 train.add_command(_classifier)
+train.add_command(_sam)

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from biosam.cli.common import input_options
 from biosam.errors import InputError
 from biosam.prompting.intensity import INTENSITY_PRESETS
 
@@ -74,7 +75,6 @@ def _json_entries(path: Path) -> list[dict]:
                    "[default: background,object; with --labelled: from the JSON].")
 @click.option("--label-type", type=click.Choice(["instances", "classes"]), default="instances", show_default=True,
               help="instances: every labelled object is class 1; classes: pixel values are class indices.")
-@click.option("--model", default="lite_medsam", show_default=True, help="Zoo name or checkpoint of the frozen SAM model.")
 @click.option("--mode", type=click.Choice(["ais", "amg"]), default="ais", show_default=True,
               help="2D images: how `biosam auto` finds the candidates.")
 @click.option("--intensity", type=click.Choice(INTENSITY_PRESETS), default="auto", show_default=True,
@@ -98,9 +98,7 @@ def _json_entries(path: Path) -> list[dict]:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
               help="Cache of candidates and features [default: OUTPUT's name + _cache next to it].")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda if available.")
-@click.option("--overwrite", is_flag=True, help="Replace OUTPUT and its metrics and curves.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@input_options(only=("model", "device", "as_json", "overwrite"))
 def classifier(images, labels, labelled, output, classes, label_type, model, mode, intensity, method, multi_slab,
                slab_thickness, voxel_size, epochs, patience, batch_size, lr, variants, val_fraction, ema, seed,
                cache_dir, device, overwrite, as_json) -> None:

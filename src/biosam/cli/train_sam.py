@@ -7,7 +7,6 @@ from pathlib import Path
 
 import click
 
-from biosam.cli.train import train
 from biosam.prompting.intensity import INTENSITY_PRESETS
 
 _MODULES = ("image_encoder", "prompt_encoder", "mask_decoder")
@@ -23,7 +22,7 @@ def _freeze(text: str | None) -> tuple[str, ...] | None:
     return names
 
 
-@train.command("sam")
+@click.command("sam")
 @click.option("--images", required=True, type=click.Path(path_type=Path), help="Folder of training images.")
 @click.option("--labels", required=True, type=click.Path(path_type=Path),
               help="Folder of instance label images (or binary masks) with the same file names (stems) as the images.")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 __all__ = ["CONFIGS", "SamConfig", "config_name"]
@@ -99,3 +99,8 @@ def config_name(config: SamConfig) -> str | None:
         if candidate == config:
             return name
     return None
+
+
+def config_dict(config: SamConfig) -> dict:
+    """``config`` as plain JSON-like values (tuples as lists), as checkpoints' metadata record it."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,6 +17,28 @@ if TYPE_CHECKING:
 
 # Prompts decoded together on a CPU (see Sam.decode); measured fastest per prompt in benchmarks/speed.py.
 _CPU_PROMPT_CHUNK = 8
+
+
+def decode_in_chunks(
+    decode: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    image_embedding: torch.Tensor,
+    prompts: tuple[torch.Tensor | None, ...],
+    count: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``decode(*prompts)`` for ``count`` prompts on one embedding, in CPU-cache-sized groups on a CPU.
+
+    On a CPU the per-prompt image-token activations (4 MB each) of a few prompts stay in cache; a
+    large batch streams them through memory and decodes slower per prompt. Prompt tensors whose
+    first dimension is not ``count`` are shared by all prompts and passed whole to every group.
+    """
+    chunk = _CPU_PROMPT_CHUNK if image_embedding.device.type == "cpu" and image_embedding.shape[0] == 1 else count
+    parts = [
+        decode(*(t if t is None or t.shape[0] != count else t[i : i + chunk] for t in prompts))
+        for i in range(0, max(count, 1), max(chunk, 1))
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 class Sam(nn.Module):
@@ -76,18 +99,10 @@ class Sam(nn.Module):
             raise ValueError("point_coords and point_labels must be given together")
         prompts = [t for t in (point_coords, boxes, mask_inputs) if t is not None]
         count = prompts[0].shape[0] if prompts else 1
-        if image_embedding.device.type == "cpu" and image_embedding.shape[0] == 1 and count > _CPU_PROMPT_CHUNK:
-            # On a CPU the per-prompt image-token activations (4 MB each) of a few prompts stay in
-            # cache; a large batch streams them through memory and decodes slower per prompt.
-            parts = [
-                self.decode(
-                    image_embedding,
-                    *(None if t is None else t[i : i + _CPU_PROMPT_CHUNK] for t in (point_coords, point_labels, boxes, mask_inputs)),
-                    multimask=multimask,
-                )
-                for i in range(0, count, _CPU_PROMPT_CHUNK)
-            ]
-            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        return decode_in_chunks(lambda *part: self._decode(image_embedding, *part, multimask=multimask),
+                                image_embedding, (point_coords, point_labels, boxes, mask_inputs), count)
+
+    def _decode(self, image_embedding, point_coords, point_labels, boxes, mask_inputs, multimask):
         points = None if point_coords is None else (point_coords, point_labels)
         sparse, dense = self.prompt_encoder(points, boxes, mask_inputs)
         return self.mask_decoder(

@@ -44,7 +44,7 @@ from biosam.automatic.data import as_instances, dihedral
 from biosam.automatic.resample import resize_image, resize_labels, scaled_shape
 from biosam.errors import BiosamError, InputError
 from biosam.evaluate import boxes_from_labels, mask_iou
-from biosam.models.config import config_name
+from biosam.models.config import config_dict, config_name
 from biosam.models.sam import Sam
 from biosam.prompting.intensity import normalize_intensity, resolve_preset
 from biosam.prompting.preprocess import Frame, model_input
@@ -564,10 +564,6 @@ def _base_identity(model: Sam) -> dict:
             "architecture": config_name(model.config), "preprocessing": info.preprocessing}
 
 
-def _config_dict(model: Sam) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(model.config).items()}
-
-
 def _save(path: Path, payload: dict) -> None:
     """``torch.save`` through a temporary file in the same folder, so a failed write leaves nothing behind."""
     from biosam.io.files import atomic_path
@@ -771,7 +767,7 @@ def _metadata(base: dict, model: Sam, settings: FinetuneSettings, train_pairs: l
                 "targets": list(settings.lora_targets), "merged": not settings.lora_separate}
     return {
         "format": CHECKPOINT_FORMAT, "base_model": base["name"], "base_checkpoint_hash": base["checkpoint_hash"],
-        "architecture": base["architecture"], "config": _config_dict(model), "preprocessing": base["preprocessing"],
+        "architecture": base["architecture"], "config": config_dict(model.config), "preprocessing": base["preprocessing"],
         "intensity": settings.intensity, "lora": lora,
         "trained": [m for m in MODULES if m not in settings.frozen_modules],
         "settings": settings.to_dict(),

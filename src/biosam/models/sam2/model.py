@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..common import MLP
-from ..sam import _CPU_PROMPT_CHUNK  # the same cache-sized prompt groups as SAM v1
+from ..sam import decode_in_chunks
 from .config import Sam2Config
 from .hiera import build_hiera
 from .image_encoder import FpnNeck, Sam2ImageEncoder
@@ -223,18 +223,9 @@ class Sam2(nn.Module):
             embedding = embedding + self.no_mem_embed.view(1, -1, 1, 1)
         prompts = [t for t in (point_coords, boxes, mask_inputs) if t is not None]
         count = max((t.reshape(-1, 4) if t is boxes else t).shape[0] for t in prompts) if prompts else 1
-        chunk = _CPU_PROMPT_CHUNK if embedding.device.type == "cpu" and embedding.shape[0] == 1 else count
-        parts = []
-        for i in range(0, count, chunk):
-            # batch-1 prompts are shared by all prompts of the others: passed whole to every chunk
-            part = [
-                t if t is None or t.shape[0] != count else t[i : i + chunk]
-                for t in (point_coords, point_labels, boxes, mask_inputs)
-            ]
-            parts.append(self._decode(embedding, features.high_res, *part, multimask=multimask))
-        if len(parts) == 1:
-            return parts[0]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        # batch-1 prompts are shared by all prompts of the others
+        return decode_in_chunks(lambda *part: self._decode(embedding, features.high_res, *part, multimask=multimask),
+                                embedding, (point_coords, point_labels, boxes, mask_inputs), count)
 
     def _decode(
         self,
