@@ -205,7 +205,7 @@ def test_cli_trains_and_tomogram_uses_it(trained, tmp_path):
     assert out.is_file() and out.with_suffix(".metrics.json").is_file() and out.with_suffix(".curves.png").is_file()
     res = run(*args)
     assert res.exit_code != 0 and "already exists" in res.output and "--overwrite" in res.output
-    res = run("tomogram", tmp_path / "img" / "t1.mrc", "-o", tmp_path / "v.mrc", "--method", "hough",
+    res = run("tomogram", tmp_path / "img" / "t1.mrc", "-o", tmp_path / "v.mrc", "--method", "hough", "--z-step", "4",
               "--classifier", result.output, "--json")
     assert res.exit_code == 0, res.output
     assert json.loads(res.output[res.output.index("{"):])["classifier"] == str(result.output)

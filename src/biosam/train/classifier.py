@@ -174,8 +174,9 @@ def match_classes(masks: Sequence[np.ndarray], truth: np.ndarray, classes: dict[
 
 
 def crop_candidates(view: np.ndarray, masks: Sequence[np.ndarray], crop: CropSettings) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The ``(RGB crop, mask crop)`` of each (non-empty) 2D mask on ``view``, in order."""
     rgb = as_rgb(view)
-    return [crops(rgb, np.asarray(m, bool), crop) for m in masks if np.any(m)]
+    return [crops(rgb, np.asarray(m, bool), crop) for m in masks]
 
 
 def image_candidates(predictor, image: np.ndarray, truth: np.ndarray, classes: dict[int, int], name: str,
