@@ -101,15 +101,10 @@ def load_decoder(
     """
     if source is None:
         source = shipped_decoder_path(model.info.name if model is not None else "lite_medsam")
-    path = Path(source)
-    if not path.is_file():
-        raise InputError(f"{path}: decoder checkpoint not found.")
-    try:
-        from biosam.models.checkpoint import _load_weights_only
+    from biosam.models.checkpoint import read_plain_checkpoint
 
-        data = _load_weights_only(path)
-    except Exception as exc:  # torch.load raises many types for foreign files
-        raise InputError(f"{path}: not a decoder checkpoint: torch.load cannot read it ({exc}).") from exc
+    path = Path(source)
+    data = read_plain_checkpoint(path, "decoder")
     if isinstance(data, Mapping) and data.get("format") == CHECKPOINT_FORMAT:
         if data.get("version", 0) > CHECKPOINT_VERSION:
             raise InputError(f"{path}: decoder checkpoint version {data['version']} is newer than this biosam reads.")

@@ -98,15 +98,10 @@ def save_classifier(path: str | os.PathLike, classifier: Classifier) -> Path:
 def load_classifier(path: str | os.PathLike, model: torch.nn.Module | None = None, source: str | None = None,
                     device: str | torch.device | None = None) -> Classifier:
     """Load a classifier checkpoint; with ``model`` (and ``source``), refuse a mismatch before any work."""
-    from biosam.models.checkpoint import _load_weights_only
+    from biosam.models.checkpoint import read_plain_checkpoint
 
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: classifier checkpoint not found.")
-    try:
-        data = _load_weights_only(path)
-    except Exception as exc:  # torch.load raises many types for foreign files
-        raise InputError(f"{path}: not a classifier checkpoint: torch.load cannot read it ({exc}).") from exc
+    data = read_plain_checkpoint(path, "classifier")
     if not isinstance(data, Mapping) or data.get("format") != CHECKPOINT_FORMAT:
         raise InputError(f"{path}: not a biosam mask classifier (train one with `biosam train classifier`).")
     if data.get("version", 0) > CHECKPOINT_VERSION:

@@ -131,6 +131,21 @@ def _unwrap(path: Path, obj: object) -> dict[str, Tensor]:
 _MAX_OPAQUE_GLOBALS = 200
 
 
+def read_plain_checkpoint(path: str | os.PathLike, what: str) -> object:
+    """The unpickled contents (tensors and plain containers only) of a biosam ``what`` checkpoint
+    (e.g. ``"decoder"``), with an :class:`~biosam.errors.InputError` naming the file when it is
+    missing or unreadable."""
+    from biosam.errors import InputError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: {what} checkpoint not found.")
+    try:
+        return _load_weights_only(path)
+    except Exception as exc:  # torch.load raises many types for foreign files
+        raise InputError(f"{path}: not a {what} checkpoint: torch.load cannot read it ({exc}).") from exc
+
+
 def _opaque_class(full_name: str) -> type:
     """A stand-in for a pickled Python class or function that must not be imported.
 
