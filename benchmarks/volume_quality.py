@@ -24,6 +24,7 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 import tifffile
+from fidelity import markdown
 from scipy import ndimage as ndi
 from skimage.measure import label as connected_components
 
@@ -94,10 +95,8 @@ def main() -> int:
             print(" | ".join(rows[-1]), flush=True)
     header = ["volume", "shape (z, y, x)", "objects", "projection", "mean 3D Dice", "median", "seconds",
               "slices/s (2 sweeps)"]
-    lines = [f"Model {args.model} on {platform.processor() or platform.machine()}, one box per object on its middle slice.",
-             "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    text = "\n".join(lines)
+    text = (f"Model {args.model} on {platform.processor() or platform.machine()}, one box per object on its middle "
+            f"slice.\n\n{markdown(header, rows)}")
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
