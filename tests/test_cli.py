@@ -119,7 +119,7 @@ def test_bad_input_is_refused_without_output(nuclei, tmp_path):
     tifffile.imwrite(stack, np.zeros((9, 32, 32), np.uint8))
     _assert_refused(run("segment", stack, "-o", out, "--box", "1,1,10,10"), "stack.tif", "slices", outputs=[out])
     _assert_refused(run("segment", image, "-o", out, "--box", "10,10,5,20"), "empty", outputs=[out])
-    _assert_refused(run("segment", image, "-o", out, "--box", "0,0,600,20"), "outside the image", outputs=[out])
+    _assert_refused(run("segment", image, "-o", out, "--box", "600,0,700,20"), "entirely outside the image", outputs=[out])
     _assert_refused(run("segment", image, "-o", out, "--box", "1,2,3"), "x0,y0,x1,y1", outputs=[out])
     _assert_refused(run("segment", image, "-o", tmp_path / "o.jpg", "--box", box), ".jpg", outputs=[tmp_path / "o.jpg"])
     _assert_refused(run("segment", image, "-o", out), "--box", outputs=[out])

@@ -133,3 +133,13 @@ def test_bad_inputs(project):
         write_labels(f"copick://{config}?name=membrane", labels)
     with pytest.raises(InputError, match="picked object's name"):
         write_picks(f"copick://{config}", [[1, 2, 3]], like=like)
+
+
+def test_missing_copick_names_the_extra(project, monkeypatch):
+    """copick is the `cryoet` extra: without it a copick address says which extra to install."""
+    import sys
+
+    config, _ = project
+    monkeypatch.setitem(sys.modules, "copick", None)  # makes `import copick` raise ImportError
+    with pytest.raises(InputError, match=r"pip install 'biosam\[cryoet\]'"):
+        read_image(f"copick://{config}?run=TS_001")

@@ -102,25 +102,28 @@ def test_open_labels_streams_and_commits_only_on_success(tmp_path):
     with pytest.raises(InputError, match="already exists"):
         with mrc.open_labels(tmp_path / "stream.mrc", meta, np.uint16):
             pass
-    with pytest.raises(InputError, match=r"\.tif or \.zarr"):
-        with mrc.open_labels(tmp_path / "big.mrc", meta, np.uint32):
-            pass
+    with pytest.raises(InputError, match=r"\.tif or \.zarr"):  # uint32 ids go to float32 (mode 2): exact up to 2**24
+        with mrc.open_labels(tmp_path / "big.mrc", meta, np.uint32) as out:
+            out[0] = 2**24 + 1
 
 
 def test_bad_labels(tmp_path):
     _, meta = mrc.read(make_mrc(tmp_path / "vol.mrc", np.zeros((2, 3, 4), np.float32)))
     with pytest.raises(InputError, match=r"\.tif or \.zarr"):
-        mrc.write_labels(tmp_path / "a.mrc", np.full((2, 3, 4), 70000), like=meta)
+        mrc.write_labels(tmp_path / "a.mrc", np.full((2, 3, 4), 2**24 + 1), like=meta)
     with pytest.raises(InputError, match="do not fit"):
         mrc.write_labels(tmp_path / "a.mrc", np.zeros((2, 3, 5), int), like=meta)
     with pytest.raises(InputError, match="integers"):
         mrc.write_labels(tmp_path / "a.mrc", np.zeros((2, 3, 4), float), like=meta)
     with pytest.raises(InputError, match=">= 0"):
         mrc.write_labels(tmp_path / "a.mrc", -np.ones((2, 3, 4), int), like=meta)
-    with pytest.raises(InputError, match="already exists"):
-        mrc.write_labels(tmp_path / "vol.mrc", np.zeros((2, 3, 4), int), like=meta)
     assert not (tmp_path / "a.mrc").exists()
-    mrc.write_labels(tmp_path / "vol.mrc", np.zeros((2, 3, 4), int), like=meta, overwrite=True)
+    mrc.write_labels(tmp_path / "a.mrc", np.zeros((2, 3, 4), int), like=meta)
+    with pytest.raises(InputError, match="already exists"):
+        mrc.write_labels(tmp_path / "a.mrc", np.zeros((2, 3, 4), int), like=meta)
+    mrc.write_labels(tmp_path / "a.mrc", np.zeros((2, 3, 4), int), like=meta, overwrite=True)
+    with pytest.raises(InputError, match="is the input"):  # never, not even with overwrite
+        mrc.write_labels(tmp_path / "vol.mrc", np.zeros((2, 3, 4), int), like=meta, overwrite=True)
 
 
 @pytest.mark.parametrize("keep", [1500, 500, 0])

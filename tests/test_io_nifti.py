@@ -113,7 +113,7 @@ def test_bad_input(tmp_path):
     _, meta = nifti.read(path)
     with pytest.raises(InputError, match="do not fit"):
         nifti.write_labels(tmp_path / "a.nii.gz", np.zeros((33, 41, 25), int), like=meta)
-    with pytest.raises(InputError, match="already exists"):
+    with pytest.raises(InputError, match="is the input"):  # refused before "already exists": even --overwrite
         nifti.write_labels(path, np.zeros(meta.shape, int), like=meta)
     with pytest.raises(InputError, match="unsupported output"):
         nifti.write_labels(tmp_path / "a.nii.bz2", np.zeros(meta.shape, int), like=meta)

@@ -79,7 +79,7 @@ def test_bad_files_and_outputs(tmp_path):
     good = shared_file("stardist_dsb2018_nuclei_2d", "img2d.tif")
     broken = tmp_path / "broken.tif"
     broken.write_bytes(good.read_bytes()[:200])
-    with pytest.raises(InputError, match="broken.tif.*cannot be read as TIFF"):
+    with pytest.raises(InputError, match="broken.tif: the TIFF file is damaged or truncated"):
         read_image(broken)
     with pytest.raises(InputError, match="missing.tif: file not found"):
         read_image(tmp_path / "missing.tif")
@@ -114,3 +114,22 @@ def test_format_of_recognises_folders_and_addresses(tmp_path):
     (tmp_path / "plain.store" / "zarr.json").write_text("{}")
     assert format_of(tmp_path / "plain.store") == "zarr"
     assert format_of(shared_file("pydicom_ct_mr", "CT_small.dcm")) == "dicom"
+
+
+def test_angstrom_spacing_written_to_imagej_tiff_as_nm(tmp_path):
+    """ImageJ metadata is ASCII: labels of an MRC tomogram (spacing in Å) are written with their spacing in nm."""
+    import mrcfile
+
+    from biosam.io import read_image, write_labels
+
+    with mrcfile.new(tmp_path / "tomo.mrc") as mrc:
+        mrc.set_data(np.zeros((4, 32, 32), np.float32))
+        mrc.voxel_size = 12.0
+    _, meta = read_image(tmp_path / "tomo.mrc")
+    labels = np.zeros((4, 32, 32), np.uint16)
+    labels[1, 3:9, 3:9] = 1
+    write_labels(tmp_path / "labels.tif", labels, like=meta)
+    data, back = read_image(tmp_path / "labels.tif")
+    assert np.array_equal(np.asarray(data), labels)
+    assert back.unit == "nanometer"
+    assert back.spacing == pytest.approx({"Z": 1.2, "Y": 1.2, "X": 1.2})

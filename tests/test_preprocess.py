@@ -103,8 +103,8 @@ def test_logits_round_trip_to_image_size():
     [
         (Prompt(box=[10, 10, 5, 20]), "empty"),
         (Prompt(box=[10, 10, 10, 20]), "empty"),
-        (Prompt(box=[-5, 0, 10, 10]), "outside the image"),
-        (Prompt(box=[0, 0, 10, 101]), "outside the image"),
+        (Prompt(box=[-15, 0, -5, 10]), "entirely outside the image"),
+        (Prompt(box=[0, 100, 10, 120]), "entirely outside the image"),
         (Prompt(box=[0, 0, 10]), "4 finite numbers"),
         (Prompt(box="a,b,c,d"), "numbers"),
         (Prompt(points=[[50, 120]]), "outside the image"),

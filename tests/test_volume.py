@@ -138,7 +138,7 @@ def test_propagation_refuses_bad_input(nuclei_3d, lite_medsam):
     with pytest.raises(InputError, match="for a single 2D image use biosam.Predictor"):
         segment_volume(predictor, image[0], [biosam.Prompt(box=box, z=0)])
     with pytest.raises(InputError, match="outside the image"):
-        segment_volume(predictor, image, [biosam.Prompt(box=np.array([10.0, 10.0, 90.0, 30.0]), z=3)])
+        segment_volume(predictor, image, [biosam.Prompt(box=np.array([70.0, 10.0, 90.0, 30.0]), z=3)])
     with pytest.raises(InputError, match="projection"):
         PropagationSettings(projection="lasso")
     with pytest.raises(InputError, match="collapse"):

@@ -40,6 +40,12 @@ class ModelInfo:
     _hash: str | None = field(default=None, repr=False)
 
     @property
+    def box_only(self) -> bool:
+        """Whether the model was trained with box prompts only: its zoo entry says so (``prompt: box`` in its
+        defaults, e.g. LiteMedSAM, MedSAM). A model fine-tuned by biosam may have learnt points, so it is not."""
+        return self.metadata is None and self.spec is not None and self.spec.defaults.get("prompt") == "box"
+
+    @property
     def checkpoint_hash(self) -> str:
         """xxh128 of the checkpoint file (computed once, on first use)."""
         if self._hash is None:

@@ -123,7 +123,9 @@ def segment_automatic(predictor, image: np.ndarray, settings: AutoSettings | Non
     if scale != 1.0:
         pixels = resize_image(pixels, scaled_shape(shape, scale))
     if decoder is not None:
-        tile = settings.tile or int((decoder.info or {}).get("tile") or predictor.input_size)
+        tile = settings.tile
+        if tile is None:
+            tile = int((decoder.info or {}).get("tile") or predictor.input_size)
         halo = tile // 8 if settings.halo is None else settings.halo
         maps = stitch_maps(pixels, lambda t: predict_maps(predictor, decoder, t, intensity="none"), tile, halo,
                            channels=3, progress=progress)
@@ -133,7 +135,7 @@ def segment_automatic(predictor, image: np.ndarray, settings: AutoSettings | Non
             maps = resize_maps(maps, shape)
             params = params.replace(smoothing=params.smoothing / scale, min_size=round(params.min_size / scale**2))
         return maps_to_instances(maps, params)
-    tile = settings.tile or max(AMG_TILE, predictor.input_size)
+    tile = settings.tile if settings.tile is not None else max(AMG_TILE, predictor.input_size)
     halo = tile // 8 if settings.halo is None else settings.halo
     amg = settings.amg or amg_settings_for(predictor.model)
     labels = merge_instance_tiles(

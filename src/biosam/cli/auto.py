@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from biosam.cli.common import check_overlay, input_options, write_overlay
+from biosam.cli.common import check_image_fits, check_overlay, input_options, write_overlay
 
 
 @click.command("auto")
@@ -19,15 +19,15 @@ from biosam.cli.common import check_overlay, input_options, write_overlay
 @click.option("--mode", type=click.Choice(["ais", "amg"]), default="ais", show_default=True,
               help="ais: the trained instance decoder (fast); amg: a grid of prompts, points or boxes by model (slow).")
 @click.option("--decoder", default=None, help="Instance decoder checkpoint (default: the one shipped with the model).")
-@click.option("--tile", type=int, default=None, help="Tile size in pixels (default: the decoder's training tile for ais, 1024 for amg).")
-@click.option("--halo", type=int, default=None, help="Overlap on each side of a tile in pixels (default: tile / 8).")
+@click.option("--tile", type=click.IntRange(min=32), default=None, help="Tile size in pixels (default: the decoder's training tile for ais, 1024 for amg).")
+@click.option("--halo", type=click.IntRange(min=0), default=None, help="Overlap on each side of a tile in pixels (default: tile / 8).")
 @click.option("--object-size", type=float, default=None,
               help="ais: typical object diameter in pixels; the image is resized so objects have the size the decoder segments best.")
 @click.option("--scale", type=float, default=None,
               help="Resize the image by this factor before segmenting (labels come back at the original size).")
-@click.option("--points-per-side", type=int, default=None, help="amg: grid points along each side of a tile (default 32).")
-@click.option("--pred-iou-thresh", type=float, default=None, help="amg: keep masks with a predicted IoU above this.")
-@click.option("--stability-thresh", type=float, default=None, help="amg: keep masks with a stability score above this.")
+@click.option("--points-per-side", type=click.IntRange(min=1), default=None, help="amg: grid points along each side of a tile (default 32).")
+@click.option("--pred-iou-thresh", type=click.FloatRange(0, 1), default=None, help="amg: keep masks with a predicted IoU above this.")
+@click.option("--stability-thresh", type=click.FloatRange(0, 1), default=None, help="amg: keep masks with a stability score above this.")
 @click.option("--z", type=int, default=None, help="Segment only this slice of a volume (default: every slice).")
 @click.option("--classifier", type=click.Path(path_type=Path), default=None,
               help="Mask classifier (from `biosam train classifier`): keep only the objects it puts in --keep-classes.")
@@ -37,7 +37,8 @@ from biosam.cli.common import check_overlay, input_options, write_overlay
               help="Volumes: objects of neighbouring slices overlapping by this IoU become one 3D object; 0 keeps slices apart.")
 @input_options
 def auto(image, output, mode, decoder, tile, halo, object_size, scale, points_per_side, pred_iou_thresh, stability_thresh, z, classifier, keep_classes, link_iou, intensity, t,
-         channel, axes, level, series, model, device, precision, embeddings, overlay, as_json, overwrite) -> None:
+         channel, axes, level, series, model, device, precision, embeddings, overlay, as_json, overwrite,
+         compression) -> None:
     """Find every object in IMAGE and write an instance label image to OUTPUT.
 
     Images larger than the tile are processed in overlapping tiles and stitched
@@ -58,7 +59,7 @@ def auto(image, output, mode, decoder, tile, halo, object_size, scale, points_pe
     )
     from biosam.io import check_labels_output, open_labels, plane_index, read_image, read_plane
     from biosam.io.overlay import render_overlay
-    from biosam.prompting.intensity import resolve_preset
+    from biosam.prompting.intensity import check_contrast, resolve_preset
 
     from skimage.segmentation import relabel_sequential
 
@@ -66,13 +67,17 @@ def auto(image, output, mode, decoder, tile, halo, object_size, scale, points_pe
 
     if not 0.0 <= link_iou <= 1.0:
         raise click.BadParameter(f"must lie in [0, 1], got {link_iou}", param_hint="--link-iou")
-    check_overlay(overlay, output, overwrite)
+    if tile is not None and halo is not None and 2 * halo >= tile:
+        raise click.BadParameter(f"a tile of {tile} px needs a halo under {(tile + 1) // 2} px (half the tile), "
+                                 f"got {halo}", param_hint="--halo")
+    check_overlay(overlay, output, overwrite, image=image)
     data, meta = read_image(image, axes=axes, level=level, series_uid=series)
-    check_labels_output(output, meta, overwrite)
+    check_labels_output(output, meta, overwrite, compression)
     depth = meta.shape[meta.axes.index("Z")] if "Z" in meta.axes else 1
     planes = [z] if z is not None or depth == 1 else list(range(depth))
     for zz in planes:  # refuse bad --z/--t/--channel before the model loads
-        plane_index(meta, zz if "Z" in meta.axes else None, t, channel)
+        plane_index(meta, zz, t, channel)
+    check_image_fits(meta, model)  # and an image too elongated for the model
     predictor = Predictor(load_model(model, device=device, precision=precision), store=embeddings)
     amg = amg_settings_for(predictor.model, points_per_side=points_per_side, pred_iou_thresh=pred_iou_thresh,
                            stability_score_thresh=stability_thresh)
@@ -98,12 +103,15 @@ def auto(image, output, mode, decoder, tile, halo, object_size, scale, points_pe
     volume = "Z" in meta.axes and depth > 1
     labels_meta = meta.labels_meta()
     results, picture, offset = [], None, 0
+    warnings: list[str] = []  # also logged to stderr as they arise
     linker = SliceLinker(link_iou) if volume and link_iou > 0 and len(planes) > 1 else None
     big = labels_meta.shape[-1] * labels_meta.shape[-2] > 64 * 65535  # could hold more than 65535 objects
-    with open_labels(output, meta, np.uint32 if volume or big else np.uint16, overwrite=overwrite) as out:
+    with open_labels(output, meta, np.uint32 if volume or big else np.uint16, overwrite=overwrite,
+                     compression=compression) as out:
         for zz in tqdm(planes, desc="slices", disable=len(planes) < 2):
             key = zz if "Z" in meta.axes else None
             plane = read_plane(data, meta, key, t, channel)
+            warnings += filter(None, [check_contrast(plane, f"{image}{'' if key is None else f' (slice z={key})'}")])
             labels = segment_automatic(predictor, plane, settings, progress=True)
             if judge is not None:
                 found = int(labels.max())
@@ -133,7 +141,7 @@ def auto(image, output, mode, decoder, tile, halo, object_size, scale, points_pe
                   "intensity": resolve_preset(intensity, np.dtype(meta.dtype)), "scale": applied, "output": str(output), "overlay": str(overlay) if overlay else None,
                   "objects": sum(r["objects"] for r in results),
                   "classifier": str(classifier) if classifier else None, "rejected_by_classifier": rejected,
-                  "seconds": round(time.perf_counter() - start, 2)}
+                  "seconds": round(time.perf_counter() - start, 2), "warnings": warnings}
         if volume:
             report["slices"] = results
         click.echo(json.dumps(report, indent=2))

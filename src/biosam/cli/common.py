@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from biosam.io.tiff import COMPRESSIONS, DEFAULT_COMPRESSION
 from biosam.prompting.intensity import INTENSITY_PRESETS
 
 _INPUT_OPTIONS = {
@@ -24,10 +25,13 @@ _INPUT_OPTIONS = {
     "precision": click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
                  help="Image encoder arithmetic; auto = fp32 (bf16 is faster where native but misses our agreement targets)."),
     "embeddings": click.option("--embeddings", "embeddings", type=click.Path(path_type=Path), default=None,
-                 help="Zarr store of image embeddings: reused when present, added when new (resumes interrupted runs)."),
+                 help="Folder of image embeddings: reused when present, added when new (resumes interrupted runs); "
+                      "several processes may share one."),
     "overlay": click.option("--overlay", type=click.Path(path_type=Path), help="Also write a picture of the result (.png)."),
     "as_json": click.option("--json", "as_json", is_flag=True, help="Print a JSON report of the result."),
     "overwrite": click.option("--overwrite", is_flag=True, help="Replace existing output files."),
+    "compression": click.option("--compression", type=click.Choice(COMPRESSIONS), default=DEFAULT_COMPRESSION,
+                 show_default=True, help="Lossless compression of TIFF labels (none: uncompressed); TIFF outputs only."),
 }
 
 
@@ -49,14 +53,36 @@ def input_options(command: Callable | None = None, *, only: tuple[str, ...] | No
     return apply if command is None else apply(command)
 
 
-def check_overlay(overlay: Path | None, output: str, overwrite: bool) -> None:
-    """Refuse a bad ``--overlay`` before any work."""
+def check_image_fits(meta, model: str, preprocessing: str | None = None) -> None:
+    """Refuse, before the model loads, an image too elongated for zoo model ``model`` (see
+    :func:`biosam.prompting.preprocess.check_proportions`); a checkpoint file is checked once loaded."""
+    from biosam.errors import InputError
+    from biosam.prompting.preprocess import check_proportions
+    from biosam.zoo.registry import REGISTRY
+
+    spec = REGISTRY.get(model)
+    if spec is None or spec.family == "sam2":
+        return
+    from biosam.io.planes import plane_shape
+    from biosam.models.config import CONFIGS
+
+    config = CONFIGS.get(spec.architecture)
+    if config is None:
+        return
+    try:
+        check_proportions(plane_shape(meta), config.image_size, preprocessing or spec.preprocessing, model)
+    except InputError as exc:
+        raise InputError(f"{meta.path}: {exc}") from None
+
+
+def check_overlay(overlay: Path | None, output: str, overwrite: bool, image: str | None = None) -> None:
+    """Refuse a bad ``--overlay`` before any work (type, existing file, unwritable folder, the input ``image``)."""
     from biosam.io.files import check_output_path
 
     if overlay is not None:
-        check_output_path(overlay, (".png",), overwrite)
         if overlay.resolve() == Path(output).resolve():
             raise click.UsageError("--overlay and -o must be different files.")
+        check_output_path(overlay, (".png",), overwrite, source=image)
 
 
 def write_overlay(overlay: Path, picture, output: str, overwrite: bool) -> None:

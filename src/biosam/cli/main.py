@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
 import click
-import numpy as np
 
-from biosam.errors import BiosamError
+from biosam.errors import BiosamError, InputError
 from biosam.models import CheckpointError
 from biosam.prompting.preprocess import PREPROCESSINGS
-from biosam.cli.common import check_overlay, input_options, write_overlay
+from biosam.cli.common import check_image_fits, check_overlay, input_options, write_overlay
 from biosam.zoo.errors import ZooError
 
 logger = logging.getLogger("biosam")
@@ -22,13 +22,26 @@ USER_ERRORS = (BiosamError, CheckpointError, ZooError)
 
 
 class _Group(click.Group):
-    """Turns biosam's own errors into a one-line message and exit code 1."""
+    """Turns biosam's own errors into a one-line message and exit code 1, and SIGINT/SIGTERM into a clean stop.
+
+    While a command runs, SIGINT and SIGTERM raise exceptions (see
+    :mod:`biosam.cli.signals`), so unfinished outputs are removed on the way out;
+    the exit codes are 130 and 143 as from a shell, not click's "Aborted!" and 1.
+    """
 
     def invoke(self, ctx: click.Context):
+        from biosam.cli.signals import EXIT_CODES, Terminated, signals_as_exceptions
+
         try:
-            return super().invoke(ctx)
-        except USER_ERRORS as exc:
-            raise click.ClickException(str(exc)) from exc
+            with signals_as_exceptions():
+                try:
+                    return super().invoke(ctx)
+                except USER_ERRORS as exc:
+                    raise click.ClickException(str(exc)) from exc
+        except (KeyboardInterrupt, Terminated) as exc:
+            sig = signal.SIGINT if isinstance(exc, KeyboardInterrupt) else signal.SIGTERM
+            click.echo(f"\nbiosam: stopped by {sig.name}; unfinished outputs were removed.", err=True)
+            ctx.exit(EXIT_CODES[sig])
 
 
 @click.group(cls=_Group)
@@ -75,11 +88,15 @@ def _cli_prompts(boxes: tuple[str, ...], points: tuple[str, ...], prompts_file: 
 
 def _slices(prompts, meta, z: int | None) -> dict[int | None, list[int]]:
     """Group object indices by the slice they are on (``None`` for data without a Z axis)."""
-    volume = "Z" in meta.axes and meta.shape[meta.axes.index("Z")] > 1
+    depth = meta.shape[meta.axes.index("Z")] if "Z" in meta.axes else 1
+    volume = depth > 1
     groups: dict[int | None, list[int]] = {}
     for i, prompt in enumerate(prompts):
         if not volume and prompt.z not in (None, 0):
             raise click.UsageError(f"{meta.path} has no slices, but object {i} has \"z\": {prompt.z}.")
+        if prompt.z is not None and prompt.z >= depth:
+            raise InputError(f"object {i} has \"z\": {prompt.z}, but {meta.path} has {depth} slices "
+                                   f"(z = 0..{depth - 1}).")
         groups.setdefault((prompt.z if prompt.z is not None else z) if volume else None, []).append(i)
     return dict(sorted(groups.items(), key=lambda kv: -1 if kv[0] is None else kv[0]))
 
@@ -101,7 +118,7 @@ def _slices(prompts, meta, z: int | None) -> dict[int | None, list[int]]:
 @click.option("--preprocessing", type=click.Choice(list(PREPROCESSINGS)), default=None,
               help="Override the preprocessing of a checkpoint file that is not in the zoo.")
 def segment(image, output, boxes, points, prompts_file, zoom, multimask, z, intensity, t, channel, axes, level, series,
-            model, device, precision, embeddings, overlay, as_json, overwrite, preprocessing) -> None:
+            model, device, precision, embeddings, overlay, as_json, overwrite, compression, preprocessing) -> None:
     """Segment the objects given by box/point prompts in IMAGE.
 
     IMAGE is a TIFF/OME-TIFF, PNG, JPEG, MRC, NIfTI, DICOM file or series
@@ -109,6 +126,10 @@ def segment(image, output, boxes, points, prompts_file, zoom, multimask, z, inte
     the slice with --z or give "z" per object. OUTPUT gets label k for the k-th
     object (prompt order; later objects drawn over earlier ones) in IMAGE's
     geometry. Coordinates are pixels of the slice, x to the right and y down.
+    Any number of objects is fine: they are decoded a batch at a time (with a
+    progress bar) and drawn straight into the labels. Results not to be trusted
+    (points alone with a box-trained model, empty objects, an image without
+    contrast) are warned about on stderr and in the --json "warnings".
     """
     from tqdm.auto import tqdm
 
@@ -116,34 +137,44 @@ def segment(image, output, boxes, points, prompts_file, zoom, multimask, z, inte
     from biosam.io import check_labels_output, open_labels, plane_index, read_image, read_plane
     from biosam.io.meta import label_dtype
     from biosam.io.overlay import render_overlay
+    from biosam.io.planes import plane_shape
+    from biosam.prompting.intensity import check_contrast
+    from biosam.prompting.prompts import check_prompts
 
     prompts = _cli_prompts(boxes, points, prompts_file)
-    check_overlay(overlay, output, overwrite)
+    check_overlay(overlay, output, overwrite, image=image)
     data, meta = read_image(image, axes=axes, level=level, series_uid=series)
     groups = _slices(prompts, meta, z)
-    check_labels_output(output, meta, overwrite)
+    check_labels_output(output, meta, overwrite, compression)
     for zz in groups:  # refuse bad --z/--t/--channel before the model loads
-        plane_index(meta, zz, t, channel)
+        plane_index(meta, z if zz is None else zz, t, channel)
+    # and prompts outside the image (boxes over its edge are clipped), or an image the model cannot take
+    prompts = check_prompts(prompts, plane_shape(meta), image)
+    check_image_fits(meta, model, preprocessing)
     predictor = Predictor(load_model(model, device=device, preprocessing=preprocessing, precision=precision),
                           store=embeddings)
     labels_meta = meta.labels_meta()
     objects: list[dict] = [{} for _ in prompts]
+    warnings: list[str] = []  # also logged to stderr as they arise
     picture = None
-    with open_labels(output, meta, label_dtype(len(prompts)), overwrite=overwrite) as out:
+    with open_labels(output, meta, label_dtype(len(prompts)), overwrite=overwrite, compression=compression) as out:
         for zz, members in tqdm(groups.items(), desc="slices", disable=len(groups) < 2):
+            where = f"{image}{'' if zz is None else f' (slice z={zz})'}"
             try:
-                predictor.set_image(read_plane(data, meta, zz, t, channel), intensity=intensity)
-                result = predictor.predict_prompts([prompts[i] for i in members], multimask=multimask, zoom=zoom,
-                                                   progress=True)
+                pixels = read_plane(data, meta, zz, t, channel)
+                warnings += filter(None, [check_contrast(pixels, where)])
+                predictor.set_image(pixels, intensity=intensity)
+                # decoded a batch at a time and drawn straight into the plane: memory does not grow with objects
+                result = predictor.predict_labels([prompts[i] for i in members], multimask=multimask, zoom=zoom,
+                                                  progress=True, ids=[i + 1 for i in members])
             except BiosamError as exc:
-                raise BiosamError(f"{image}{'' if zz is None else f' (slice z={zz})'}: {exc}") from exc
-            lut = np.array([0, *[i + 1 for i in members]], dtype=out.dtype)
-            plane = lut[result.to_labels()]
+                raise BiosamError(f"{where}: {exc}") from exc
+            warnings += result.warnings
+            plane = result.labels.astype(out.dtype, copy=False)
             out[plane_index(labels_meta, zz, t)] = plane
-            best = result.scores.argmax(axis=1)
             for k, i in enumerate(members):
-                objects[i] = {"label": i + 1, "z": zz, "score": round(float(result.scores[k, best[k]]), 4),
-                              "area": int(result.masks[k, best[k]].sum()), "visible_area": int((plane == i + 1).sum()),
+                objects[i] = {"label": i + 1, "z": zz, "score": round(float(result.scores[k]), 4),
+                              "area": int(result.areas[k]), "visible_area": int(result.visible_areas[k]),
                               "zoomed": bool(result.zoomed[k])}
             if overlay is not None and picture is None:  # the first segmented slice
                 shown = [prompts[i].validate(plane.shape) for i in members]
@@ -156,7 +187,8 @@ def segment(image, output, boxes, points, prompts_file, zoom, multimask, z, inte
                 del o["z"]
         click.echo(json.dumps({"image": str(image), "input": meta.summary(), "model": predictor.info.name,
                                "intensity": predictor.intensity, "output": str(output),
-                               "overlay": str(overlay) if overlay else None, "objects": objects}, indent=2))
+                               "overlay": str(overlay) if overlay else None, "warnings": warnings,
+                               "objects": objects}, indent=2))
 
 
 @main.group(cls=_Group, invoke_without_command=True)

@@ -16,14 +16,13 @@ import numpy as np
 
 from biosam.cli.common import input_options
 from biosam.errors import BiosamError, InputError
+from biosam.io.meta import unit_factor
 
 logger = logging.getLogger(__name__)
 
 # The options behind VesicleSettings fields, for error messages.
 _OPTION_NAMES = {"min_diameter_nm": "--min-diameter", "max_diameter_nm": "--max-diameter",
                  "slab_thickness": "--slab-thickness", "n_slabs": "--multi-slab", "z_step": "--z-step"}
-# Lengths of the units readers report, in Å.
-_ANGSTROM = {"angstrom": 1.0, "nanometer": 10.0, "micrometer": 1e4, "millimeter": 1e7}
 
 
 def _base(output: str) -> Path:
@@ -62,7 +61,7 @@ def zyx_volume(data: Any, meta, path: str) -> np.ndarray:
 def voxel_size_of(meta, given: float | None, path: str) -> tuple[float, float, float]:
     """The ``(z, y, x)`` voxel size in Å: from the file's header, or ``--voxel-size`` when the header has none."""
     spacing = meta.spacing or {}
-    scale = _ANGSTROM.get(meta.unit or "", None)
+    scale = unit_factor(meta.unit, "angstrom")
     recorded = None
     if scale is not None and all(spacing.get(a, 0) > 0 for a in "ZYX"):
         recorded = tuple(float(spacing[a]) * scale for a in "ZYX")
@@ -152,7 +151,7 @@ def _remove(written: list[str]) -> None:
 @click.option("--overlay", type=click.Path(path_type=Path), default=None,
               help="Picture of the slab with the vesicles found (default: OUTPUT's name with _overlay.png).")
 @click.option("--z", type=int, default=None, help="Centre slice of the slab (default: the middle slice).")
-@click.option("--multi-slab", type=int, default=None, metavar="N",
+@click.option("--multi-slab", type=click.IntRange(min=1), default=None, metavar="N",
               help="Look for vesicles on N slabs at evenly spaced depths (duplicates merged). One slab finds only "
                    "the vesicles crossing it; 5 found 95% of them in a 96-slice synthetic tomogram.")
 @click.option("--slab-thickness", type=int, default=11, show_default=True, help="Slices averaged into a slab.")

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from biosam.cli.common import check_overlay, input_options, write_overlay
+from biosam.cli.common import check_image_fits, check_overlay, input_options, write_overlay
 from biosam.volume.propagate import PROJECTIONS
 
 
@@ -27,12 +27,38 @@ class _Slices:
         return self._read(int(z))
 
 
+class _Planes:
+    """The ``(Z, Y, X)`` label planes of one time point of an output label array, indexed by ``z``.
+
+    Lets :func:`segment_volume` write straight into what ``open_labels`` yields
+    (a memmap, a Zarr array, or NumPy for formats written at the end), whatever
+    its axes (``ZYX`` or ``TZYX``).
+    """
+
+    def __init__(self, out, labels_meta, t: int | None) -> None:
+        from biosam.io import plane_index
+
+        self._out = out
+        self._index = lambda z: plane_index(labels_meta, int(z), t)
+        axes, shape = labels_meta.axes, labels_meta.shape
+        self.shape = tuple(shape[axes.index(a)] for a in "ZYX")
+        self.dtype = np.dtype(out.dtype)
+
+    def __getitem__(self, z: int) -> np.ndarray:
+        return np.asarray(self._out[self._index(z)])
+
+    def __setitem__(self, z: int, plane: np.ndarray) -> None:
+        self._out[self._index(z)] = plane
+
+
 def _check_prompts(prompts, prompts_file: Path, image: str, depth: int) -> None:
+    from biosam.errors import InputError
+
     for i, prompt in enumerate(prompts):
         if prompt.z is None:
-            raise click.UsageError(f'object {i} in {prompts_file} has no "z": say which slice each object is on.')
+            raise InputError(f'object {i} in {prompts_file} has no "z": say which slice each object is on.')
         if prompt.z >= depth:
-            raise click.UsageError(
+            raise InputError(
                 f"object {i} in {prompts_file} is on slice z={prompt.z}, but {image} has {depth} slices "
                 f"(z = 0..{depth - 1})."
             )
@@ -54,7 +80,7 @@ def _check_prompts(prompts, prompts_file: Path, image: str, depth: int) -> None:
               help="Segment small objects in a zoomed crop (auto), always, or never.")
 @input_options
 def volume(image, output, prompts_file, projection, min_score, min_overlap, zoom, intensity, t, channel, axes, level,
-           series, model, device, precision, embeddings, overlay, as_json, overwrite) -> None:
+           series, model, device, precision, embeddings, overlay, as_json, overwrite, compression) -> None:
     """Segment objects in 3D: each object is prompted on one slice and followed forward and backward.
 
     IMAGE is a volume (TIFF stack, MRC, NIfTI, DICOM series, Zarr/OME-Zarr,
@@ -67,12 +93,14 @@ def volume(image, output, prompts_file, projection, min_score, min_overlap, zoom
     from biosam import Predictor, load_model, read_prompts
     from biosam.io import check_labels_output, open_labels, plane_index, read_image
     from biosam.io.overlay import render_overlay
-    from biosam.prompting.intensity import volume_normalizer
+    from biosam.io.planes import plane_shape
+    from biosam.prompting.prompts import check_prompts
+    from biosam.prompting.intensity import check_contrast
     from biosam.volume import PropagationSettings, segment_volume
 
     start = time.perf_counter()
     prompts = read_prompts(prompts_file)
-    check_overlay(overlay, output, overwrite)
+    check_overlay(overlay, output, overwrite, image=image)
     data, meta = read_image(image, axes=axes, level=level, series_uid=series)
     depth = meta.shape[meta.axes.index("Z")] if "Z" in meta.axes else 1
     if depth < 2:
@@ -81,25 +109,36 @@ def volume(image, output, prompts_file, projection, min_score, min_overlap, zoom
             "through slices. Use `biosam segment` for a 2D image (or --axes if a stack was read as channels)."
         )
     _check_prompts(prompts, prompts_file, image, depth)
-    check_labels_output(output, meta, overwrite)
+    check_labels_output(output, meta, overwrite, compression)
     plane_index(meta, 0, t, channel)  # refuse a bad --t/--channel before the model loads
+    prompts = check_prompts(prompts, plane_shape(meta), image)  # boxes over the edge are clipped
+    check_image_fits(meta, model)
     settings = PropagationSettings(projection=projection, min_score=min_score, min_overlap=min_overlap, zoom=zoom)
     predictor = Predictor(load_model(model, device=device, precision=precision), store=embeddings)
     slices = _Slices(data, meta, t, channel)
-    result = segment_volume(predictor, slices, prompts, settings, intensity=intensity)
-    labels_meta = meta.labels_meta()
-    with open_labels(output, meta, result.labels.dtype, overwrite=overwrite) as out:
-        for z in range(depth):
-            out[plane_index(labels_meta, z, t)] = result.labels[z]
-    if overlay is not None:
-        z = int(prompts[0].z)
-        pixels = volume_normalizer(slices, intensity)(slices[z])
-        shown = [p.validate(pixels.shape[:2]) for p in prompts if p.z == z]
-        picture = render_overlay(np.dstack([pixels] * 3) if pixels.ndim == 2 else pixels, result.labels[z], shown)
+    # a blank prompted slice, and points alone for a box-trained model, give unreliable objects (logged as well)
+    warnings = [w for z in sorted({int(p.z) for p in prompts})
+                if (w := check_contrast(slices[z], f"{image} (slice z={z})"))]
+    warnings += predictor.prompt_warnings(prompts)
+    picture = None
+    voxels = np.zeros(len(prompts) + 1, dtype=np.int64)
+    # Labels go to the output slice by slice as they are found (streamed for MRC and Zarr), never held whole.
+    dtype = np.uint16 if len(prompts) < 65535 else np.uint32
+    with open_labels(output, meta, dtype, overwrite=overwrite, compression=compression) as out:
+        planes = _Planes(out, meta.labels_meta(), t)
+        result = segment_volume(predictor, slices, prompts, settings, intensity=intensity, out=planes)
+        if overlay is not None:
+            z = int(prompts[0].z)
+            pixels = result.normalize(slices[z])
+            shown = [p.validate(pixels.shape[:2]) for p in prompts if p.z == z]
+            picture = render_overlay(np.dstack([pixels] * 3) if pixels.ndim == 2 else pixels, planes[z], shown)
+        if as_json:
+            for z in range(depth):
+                voxels += np.bincount(planes[z].ravel(), minlength=len(prompts) + 1)[: len(prompts) + 1]
+    if picture is not None:
         write_overlay(overlay, picture, output, overwrite)
     if as_json:
         objects = []
-        voxels = np.bincount(result.labels.ravel(), minlength=len(prompts) + 1)
         for i in range(len(prompts)):
             first, last = (int(v) for v in result.z_range[i])
             found = first >= 0
@@ -108,5 +147,5 @@ def volume(image, output, prompts_file, projection, min_score, min_overlap, zoom
                             "mean_score": round(float(np.nanmean(result.scores[i])), 4) if found else None})
         click.echo(json.dumps({"image": str(image), "input": meta.summary(), "model": predictor.info.name,
                                "projection": projection, "output": str(output),
-                               "overlay": str(overlay) if overlay else None, "objects": objects,
-                               "seconds": round(time.perf_counter() - start, 2)}, indent=2))
+                               "overlay": str(overlay) if overlay else None, "warnings": warnings,
+                               "objects": objects, "seconds": round(time.perf_counter() - start, 2)}, indent=2))

@@ -95,8 +95,13 @@ def import_copick() -> ModuleType:
 
     if not hasattr(zarr.storage, "FSStore"):
         zarr.storage.FSStore = _zarr_store
-    import copick
-
+    try:
+        import copick
+    except ImportError as exc:
+        raise InputError(
+            "copick projects need the optional package copick, which is not installed here "
+            f"({exc}); install biosam's cryo-ET extra: pip install 'biosam[cryoet]'."
+        ) from exc
     return copick
 
 

@@ -68,6 +68,17 @@ class ImageMeta:
         return out
 
 
+# Lengths of the units readers report (ImageMeta.unit), in angstrom.
+UNIT_ANGSTROM = {"angstrom": 1.0, "nanometer": 10.0, "micrometer": 1e4, "millimeter": 1e7}
+
+
+def unit_factor(unit: str | None, to: str) -> float | None:
+    """Factor that turns lengths in ``unit`` into lengths in ``to`` (units as in :attr:`ImageMeta.unit`); None if unknown."""
+    if unit not in UNIT_ANGSTROM or to not in UNIT_ANGSTROM:
+        return None
+    return UNIT_ANGSTROM[unit] / UNIT_ANGSTROM[to]
+
+
 def label_dtype(max_label: int) -> np.dtype:
     """Smallest unsigned integer type that holds ``max_label``."""
     for dtype in (np.uint8, np.uint16, np.uint32):

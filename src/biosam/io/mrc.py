@@ -2,9 +2,18 @@
 
 The data block is memory-mapped (``mrcfile.mmap``), so a multi-GB tomogram is
 read slice by slice. Voxel size and origin are reported in Å, as stored.
-Labels are written as MRC mode 6 (uint16) with the input's voxel size, origin
-and start indices, so they overlay the map in IMOD, ChimeraX and napari;
-:func:`open_labels` streams them section by section into a memory-mapped file.
+Labels are written with the input's voxel size, origin and start indices, so
+they overlay the map in IMOD, ChimeraX and napari; :func:`open_labels` streams
+them section by section into a memory-mapped file.
+
+Label ids and MRC modes: up to 65535 ids are written as mode 6 (uint16), which
+every MRC reader takes as integers. MRC has no 32-bit integer mode, so more ids
+(or a uint32 label volume streamed by ``biosam auto``, whose final count is not
+known until the end) are written as mode 2 (float32), which holds every integer
+up to 2**24 = 16,777,216 exactly; read back they are the same ids. Relabelling
+to fit 16 bits was not chosen: it cannot be done while streaming, and it would
+break the link between ids and the command's report. An id above 2**24 is
+refused with a message (write .tif or .zarr for that many objects).
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ _TO_ANGSTROM = {"angstrom": 1.0, "nanometer": 10.0, "micrometer": 1e4, "millimet
 _GEOMETRY_FIELDS = (
     "mx", "my", "mz", "cella", "origin", "nxstart", "nystart", "nzstart", "mapc", "mapr", "maps", "ispg",
 )
+MAX_FLOAT_ID = 2**24  # float32 holds every integer up to here exactly
 
 
 def check_labels(path: Path, labels: Any, like: ImageMeta | None) -> np.ndarray:
@@ -125,21 +135,56 @@ def _set_stats(mrc: MrcMemmap) -> None:
     header.rms = np.sqrt(max(squares / data.size - mean**2, 0.0))
 
 
-@contextlib.contextmanager
-def _new_labels(path: Path, shape: tuple[int, ...], like: ImageMeta | None, dtype: Any) -> Iterator[np.memmap]:
+class FloatLabels:
+    """Label ids in a float32 (mode 2) data block, read and written as uint32; ids above 2**24 are refused."""
+
+    dtype = np.dtype(np.uint32)
+
+    def __init__(self, data: np.memmap, path: Path) -> None:
+        self.data, self.path = data, path
+        self.shape, self.ndim = data.shape, data.ndim
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return np.asarray(self.data[key]).astype(np.uint32)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        value = np.asarray(value)
+        if value.size and value.max() > MAX_FLOAT_ID:
+            raise InputError(_too_many_ids(self.path, int(value.max())))
+        self.data[key] = value
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return np.asarray(self.data).astype(dtype or np.uint32)
+
+
+def _too_many_ids(path: Path, top: int) -> str:
+    return (f"{path}: label id {top} cannot be stored exactly in MRC (its float32 mode holds ids up to {MAX_FLOAT_ID}, "
+            "and MRC has no 32-bit integer mode); write the labels as .tif or .zarr.")
+
+
+def _mode_of(path: Path, dtype: Any) -> int:
+    """MRC mode for label ids of ``dtype``: 6 (uint16) when they fit, else 2 (float32, exact up to 2**24)."""
     dtype = np.dtype(dtype)
-    if dtype.kind not in "bu" or dtype.itemsize > 2:
-        raise InputError(
-            f"{path}: MRC stores labels as 16-bit unsigned integers (at most 65535 labels), not {dtype}; "
-            "write a .tif or .zarr for more labels."
-        )
+    if dtype.kind in "bui" and dtype.itemsize <= 2:
+        return 6  # also for uint8: mrcfile reads mode 0 back as signed int8
+    if dtype.kind in "ui":
+        return 2
+    raise InputError(f"{path}: MRC labels must be integers, not {dtype}.")
+
+
+@contextlib.contextmanager
+def _new_labels(path: Path, shape: tuple[int, ...], like: ImageMeta | None, dtype: Any) -> Iterator[Any]:
+    mode = _mode_of(path, dtype)
     if len(shape) not in _AXES:
         raise InputError(f"{path}: MRC cannot hold labels of shape {shape}.")
     with atomic_path(path) as tmp:
-        # Mode 6 (uint16) even for uint8: mrcfile reads mode 0 back as signed int8.
-        mrc = mrcfile.new_mmap(tmp, shape, mrc_mode=6, fill=0, overwrite=True)
+        # no fill: the data block of a new file reads as zeros already; filling it would touch every page
+        mrc = mrcfile.new_mmap(tmp, shape, mrc_mode=mode, fill=None, overwrite=True)
         try:
-            yield mrc.data
+            yield mrc.data if mode == 6 else FloatLabels(mrc.data, path)
             _set_geometry(mrc, like)
             _set_stats(mrc)
             mrc.header.label[0] = b"biosam labels"
@@ -151,12 +196,15 @@ def _new_labels(path: Path, shape: tuple[int, ...], like: ImageMeta | None, dtyp
 @contextlib.contextmanager
 def open_labels(
     path: str | os.PathLike, like: ImageMeta, dtype: Any = np.uint16, overwrite: bool = False
-) -> Iterator[np.memmap]:
-    """Yield a writable uint16 memmap of ``like.labels_meta().shape`` to fill section by section.
+) -> Iterator[Any]:
+    """Yield a writable array of ``like.labels_meta().shape`` to fill section by section.
 
-    The file appears at ``path``, with ``like``'s geometry, only when the block ends without error.
+    uint8/uint16 ``dtype`` gives a uint16 memmap (mode 6); a wider integer type a
+    uint32 view of a float32 block (mode 2, ids up to 2**24; see the module
+    docstring). The file appears at ``path``, with ``like``'s geometry, only when
+    the block ends without error.
     """
-    path = check_output_path(path, SUFFIXES, overwrite)
+    path = check_output_path(path, SUFFIXES, overwrite, source=like.path)
     with _new_labels(path, like.labels_meta().shape, like, dtype) as data:
         yield data
 
@@ -164,9 +212,13 @@ def open_labels(
 def write_labels(
     path: str | os.PathLike, labels: Any, like: ImageMeta | None = None, overwrite: bool = False
 ) -> Path:
-    """Write labels (at most 65535) as MRC mode 6 with ``like``'s voxel size, origin and start indices."""
-    path = check_output_path(path, SUFFIXES, overwrite)
+    """Write labels with ``like``'s voxel size, origin and start indices: mode 6 (uint16) for up to 65535 ids,
+    mode 2 (float32) for ids up to 2**24; more are refused."""
+    path = check_output_path(path, SUFFIXES, overwrite, source=like.path if like is not None else None)
     labels = check_labels(path, labels, like)
-    with _new_labels(path, labels.shape, like, label_dtype(int(labels.max()) if labels.size else 0)) as data:
+    top = int(labels.max()) if labels.size else 0
+    if top > MAX_FLOAT_ID:
+        raise InputError(_too_many_ids(path, top))
+    with _new_labels(path, labels.shape, like, label_dtype(top)) as data:
         data[...] = labels
     return path

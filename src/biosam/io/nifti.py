@@ -18,7 +18,7 @@ import numpy as np
 
 from biosam.errors import InputError
 from biosam.io.files import atomic_path, check_output_path
-from biosam.io.meta import ImageMeta, label_dtype
+from biosam.io.meta import ImageMeta, label_dtype, unit_factor
 from biosam.io.mrc import check_labels
 
 SUFFIXES = (".nii", ".nii.gz")
@@ -27,9 +27,9 @@ _AXES = {2: "YX", 3: "ZYX", 4: "TZYX"}
 # NIfTI xyz unit -> (our unit, factor to it, factor to mm for the affine). 'unknown' is read as mm,
 # as ITK-SNAP and Slicer do.
 _UNITS = {"mm": ("millimeter", 1.0, 1.0), "micron": ("micrometer", 1.0, 1e-3), "meter": ("millimeter", 1e3, 1e3)}
-# Our unit -> (NIfTI unit, factor), for labels of an image that has spacing but no affine.
-_NIFTI_UNITS = {"millimeter": ("mm", 1.0), "micrometer": ("micron", 1.0), "nanometer": ("micron", 1e-3),
-                "angstrom": ("micron", 1e-4)}
+# Our unit -> NIfTI unit, for labels of an image that has spacing but no affine (smaller units as micron).
+_NIFTI_UNITS = {"millimeter": ("mm", "millimeter"), "micrometer": ("micron", "micrometer"),
+                "nanometer": ("micron", "micrometer"), "angstrom": ("micron", "micrometer")}
 
 
 def swap_ijk(affine: Any) -> np.ndarray:
@@ -75,7 +75,9 @@ def _affine_from_spacing(like: ImageMeta | None) -> tuple[np.ndarray, str]:
     # An image without an affine (TIFF, MRC, Zarr): axis-aligned voxels of its size, in a NIfTI unit.
     spacing = like.spacing if like is not None else {}
     origin = like.origin if like is not None else {}
-    unit, scale = _NIFTI_UNITS.get(like.unit if like is not None else None, ("unknown", 1.0))
+    ours = like.unit if like is not None else None
+    unit, as_unit = _NIFTI_UNITS.get(ours, ("unknown", None))
+    scale = unit_factor(ours, as_unit) if as_unit else 1.0
     affine = np.diag([spacing.get(a, 1.0) * scale for a in "XYZ"] + [1.0])
     affine[:3, 3] = [origin.get(a, 0.0) * scale for a in "XYZ"]
     return affine, unit
@@ -85,7 +87,7 @@ def write_labels(
     path: str | os.PathLike, labels: Any, like: ImageMeta | None = None, overwrite: bool = False
 ) -> Path:
     """Write labels as NIfTI with ``like``'s header or affine (a DICOM series' affine works too)."""
-    path = check_output_path(path, SUFFIXES, overwrite)
+    path = check_output_path(path, SUFFIXES, overwrite, source=like.path if like is not None else None)
     labels = check_labels(path, labels, like)
     top = int(labels.max()) if labels.size else 0
     data = labels.astype(label_dtype(top), copy=False).T  # ([t,] z, y, x) -> (i, j, k[, t])

@@ -20,7 +20,7 @@ import numpy as np
 import zarr
 
 from biosam.errors import InputError
-from biosam.io.files import atomic_dir, check_output_path
+from biosam.io.files import STORE_MARK, atomic_dir, check_output_path
 from biosam.io.meta import AXIS_LETTERS, SPATIAL_AXES, ImageMeta, label_dtype
 
 SUFFIXES = (".zarr", ".ome.zarr")
@@ -224,13 +224,14 @@ def _ngff_labels(
     ome: dict[str, Any] = {"multiscales": [multiscale]}
     if image_label:
         ome["image-label"] = {"source": {"image": "../../"}}
+    mark = {STORE_MARK: {"kind": "labels"}}  # lets a later --overwrite replace this folder (biosam.io.files)
     if zarr_format == 3:
-        group.attrs.update({"ome": {"version": "0.5", **ome}})
+        group.attrs.update({"ome": {"version": "0.5", **ome}, **mark})
     else:
         multiscale["version"] = "0.4"
         if image_label:
             ome["image-label"]["version"] = "0.4"
-        group.attrs.update(ome)
+        group.attrs.update({**ome, **mark})
 
 
 def _register_label(image_root: Path, name: str, version: str) -> None:
@@ -267,14 +268,12 @@ def open_labels(
     if dtype.kind not in "ui":
         raise InputError(f"{path}: labels must be stored as unsigned or signed integers, not {dtype}.")
     target = _image_of_label_path(path)
-    if target is None:
-        check_output_path(path, SUFFIXES, overwrite)
-        version = "0.5" if like.extra.get("ngff_version") == "0.5" else "0.4"
-    else:
-        if path.exists() and not overwrite:
-            raise InputError(f"{path}: label image '{path.name}' already exists in {target[0]}. Choose another name "
-                             "or pass --overwrite to replace it.")
-        version = target[1]
+    if target is not None and path.exists() and not overwrite:
+        raise InputError(f"{path}: label image '{path.name}' already exists in {target[0]}. Choose another name "
+                         "or pass --overwrite to replace it.")
+    # Not checked against like.path here: a copick segmentation's geometry names the store itself.
+    check_output_path(path, SUFFIXES if target is None else None, overwrite, folder=True)
+    version = target[1] if target is not None else "0.5" if like.extra.get("ngff_version") == "0.5" else "0.4"
     made_labels_group = target is not None and not path.parent.exists()
     try:
         with atomic_dir(path) as tmp, _ngff_labels(tmp, like, dtype, version, path.name, target is not None) as array:

@@ -13,6 +13,7 @@ import math
 import os
 import pickle
 import re
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -88,18 +89,8 @@ def _read_object(path: Path) -> object:
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
         obj = _load_weights_only(path)
-    except pickle.UnpicklingError as exc:
-        blocked = re.search(r"GLOBAL (\S+) whose module \S+ is blocked", str(exc))
-        if blocked is None:
-            raise CheckpointError(f"{path}: not a SAM v1 checkpoint: torch.load cannot read it ({_first_line(exc)})") from exc
-        raise CheckpointError(
-            f"{path}: refused: the file asks to call {blocked.group(1)}, which a checkpoint has no reason to do "
-            "and which could run commands on this computer. Do not load this file; get the checkpoint from its publisher."
-        ) from exc
     except Exception as exc:  # torch.load raises many types for foreign files (zip, EOF, key, runtime)
-        raise CheckpointError(
-            f"{path}: not a SAM v1 checkpoint: torch.load cannot read it ({type(exc).__name__}: {_first_line(exc)})"
-        ) from exc
+        raise CheckpointError(_unreadable(path, exc, "SAM v1")) from exc
     return obj
 
 
@@ -143,7 +134,84 @@ def read_plain_checkpoint(path: str | os.PathLike, what: str) -> object:
     try:
         return _load_weights_only(path)
     except Exception as exc:  # torch.load raises many types for foreign files
-        raise InputError(f"{path}: not a {what} checkpoint: torch.load cannot read it ({exc}).") from exc
+        raise InputError(_unreadable(path, exc, what)) from exc
+
+
+# What a pickle may not call: a checkpoint that names one of these wants to run code, not to hold weights.
+_DANGEROUS_MODULES = frozenset({
+    "os", "posix", "nt", "subprocess", "sys", "shutil", "socket", "runpy", "importlib", "pty", "ctypes",
+    "multiprocessing", "webbrowser", "code", "codeop", "pickle", "_pickle", "marshal", "types", "commands",
+})
+_DANGEROUS_BUILTINS = frozenset({
+    "eval", "exec", "compile", "getattr", "setattr", "delattr", "__import__", "open", "globals", "locals", "vars",
+    "breakpoint", "input", "apply", "execfile", "exit", "quit", "help",
+})
+
+
+class _UnsafeGlobal(pickle.UnpicklingError):
+    """A pickled Python global (class or function) that biosam does not load; ``dangerous`` if it could run code."""
+
+    def __init__(self, name: str, dangerous: bool) -> None:
+        super().__init__(name)
+        self.name = name
+        self.dangerous = dangerous
+
+
+def _is_dangerous(name: str) -> bool:
+    module, _, attribute = name.rpartition(".")
+    if module in ("", "builtins", "__builtin__"):
+        return attribute in _DANGEROUS_BUILTINS
+    return module.split(".")[0] in _DANGEROUS_MODULES
+
+
+def _unreadable(path: Path, exc: BaseException, what: str) -> str:
+    """Why ``path`` cannot be read as a ``what`` checkpoint, and what to do: one message for every loader.
+
+    Never passes on PyTorch's advice to load with ``weights_only=False`` (which
+    would run whatever code the file holds).
+    """
+    if isinstance(exc, _UnsafeGlobal) and exc.dangerous:
+        return (f"{path}: refused: the file asks to call {exc.name}, which a checkpoint has no reason to do and which "
+                "could run commands on this computer. Do not load this file; get the checkpoint from its publisher.")
+    if isinstance(exc, _UnsafeGlobal):
+        return (f"{path}: not a {what} checkpoint biosam can read: besides tensors it holds a pickled Python object "
+                f"({exc.name}) that biosam does not load, for safety (it reads tensors, numbers, strings and "
+                "containers only). If you wrote the file, save the weights alone (torch.save(model.state_dict(), "
+                "path)); otherwise get the checkpoint from its publisher.")
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = None
+    from biosam.io.magic import empty_message, sniff
+
+    if size == 0:
+        return empty_message(path)
+
+    kind = sniff(path)
+    if kind is not None and "zip" not in kind.name:  # PyTorch files are zip archives
+        return f"{path}: not a {what} checkpoint: by its first bytes it is {kind.name}; give the model's .pt/.pth file."
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError:
+        head = b""
+    if head and not head.startswith((b"PK\x03\x04", b"\x80")):  # neither a zip archive nor a (legacy) pickle
+        return (f"{path}: not a {what} checkpoint: not a PyTorch file at all (it starts with {head!r}). Check "
+                "that this is the file you meant, or get a fresh copy from its publisher.")
+    return (f"{path}: not a {what} checkpoint: PyTorch cannot read it ({type(exc).__name__}: {_torch_reason(exc)}). "
+            "The file may be truncated or of another kind; get a fresh copy from its publisher.")
+
+
+def _torch_reason(exc: BaseException) -> str:
+    """The substance of a ``torch.load`` error, without its advice (``weights_only=False``, allow-listing globals)."""
+    text = str(exc)
+    found = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
+    lines = [found.group(1)] if found else [line for line in text.splitlines() if line.strip()]
+    reason = lines[0].strip() if lines else type(exc).__name__
+    reason = re.split(r"\s+Please use |\s+Check the documentation |\. ", reason)[0]
+    if "weights_only" in reason or "Weights only load failed" in reason:
+        reason = "it holds more than tensors and plain containers"
+    return reason.rstrip(" .")
 
 
 def _opaque_class(full_name: str) -> type:
@@ -180,12 +248,19 @@ def _load_weights_only(path: Path) -> object:
             with torch.serialization.safe_globals(opaque):
                 return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
-            blocked = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-            if blocked is None or len(opaque) >= _MAX_OPAQUE_GLOBALS:
+            blocked = re.search(r"GLOBAL (\S+) whose module \S+ is blocked", str(exc))
+            if blocked is not None:  # PyTorch's own list of modules that run commands
+                raise _UnsafeGlobal(blocked.group(1), dangerous=True) from exc
+            unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+            if unsupported is None:
                 raise
-            name = blocked.group(1)
-            if any(f"{c.__module__}.{c.__qualname__}" == name for c in opaque):
-                raise  # a stand-in cannot satisfy how the file uses this global
+            name = unsupported.group(1)
+            if _is_dangerous(name):
+                raise _UnsafeGlobal(name, dangerous=True) from exc
+            if ("." not in name or len(opaque) >= _MAX_OPAQUE_GLOBALS
+                    or any(f"{c.__module__}.{c.__qualname__}" == name for c in opaque)):
+                # a builtin, or a stand-in cannot satisfy how the file uses this global
+                raise _UnsafeGlobal(name, dangerous=False) from exc
             logger.debug("%s: not unpickling %s (kept as an inert placeholder)", path, name)
             opaque.append(_opaque_class(name))
 
@@ -212,7 +287,13 @@ def infer_config(state_dict: Mapping[str, Tensor]) -> SamConfig:
                 f"not a complete SAM v1 checkpoint: it has an image encoder but no '{key}' "
                 "(prompt encoder and mask decoder weights are needed too)"
             )
-    return infer(state_dict)
+    try:
+        return infer(state_dict)
+    except (IndexError, ValueError, TypeError) as exc:  # a tensor with too few dimensions, a zero size, ...
+        raise CheckpointError(
+            f"the tensor shapes do not describe a SAM v1 architecture ({type(exc).__name__}: {exc}); the file is "
+            "damaged or not a SAM checkpoint: get a fresh copy from its publisher"
+        ) from None
 
 
 def load_sam_checkpoint(
@@ -231,7 +312,13 @@ def load_sam_checkpoint(
             config = infer_config(state)
         except CheckpointError as exc:
             raise CheckpointError(f"{path}: {exc}") from None
-    model = build_sam(config)
+    try:
+        model = build_sam(config)
+    except ValueError as exc:  # e.g. attention heads that do not divide a width read from a damaged tensor
+        raise CheckpointError(
+            f"{path}: the tensor shapes describe a {_describe(config)} model that cannot be built ({exc}); the file "
+            "is damaged or not a SAM checkpoint: get a fresh copy from its publisher"
+        ) from None
     expected = model.state_dict()
     for key in expected:
         # BatchNorm's update counter is not a weight; files exported without it are fine
@@ -239,17 +326,15 @@ def load_sam_checkpoint(
             state[key] = torch.zeros((), dtype=torch.long)
     problems = _compare(expected, state)
     if problems:
-        lines = [f"{path}: checkpoint does not match the {_describe(config)} architecture:", *problems]
-        lines.extend(_architecture_hint(state, config))
-        raise CheckpointError("\n".join(lines))
+        try:
+            actual = infer_config(state)
+        except CheckpointError:
+            actual = None
+        raise mismatch_error(str(path), _describe(config), problems,
+                             None if actual is None else _describe(actual), same=actual == config)
     model.load_state_dict(state, strict=True)
     logger.info("loaded %s as %s", path, _describe(config))
     return model.eval()
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def _strip(key: str, prefix: str) -> str:
@@ -290,6 +375,31 @@ def _indices(state: Mapping[str, Tensor], prefix: str) -> list[int]:
     return indices
 
 
+# Tensors whose last dimension is the prompt embedding width (256 in every released SAM v1 model).
+_EMBED_DIM_KEYS = (
+    "mask_decoder.iou_token.weight",
+    "mask_decoder.mask_tokens.weight",
+    "prompt_encoder.no_mask_embed.weight",
+    "prompt_encoder.not_a_point_embed.weight",
+    "prompt_encoder.point_embeddings.0.weight",
+)
+
+
+def _prompt_embed_dim(state: Mapping[str, Tensor]) -> int:
+    """The prompt embedding width, as most of the tensors that carry it say.
+
+    A vote, so that one damaged tensor is reported as a shape mismatch against
+    the architecture of the rest, instead of deciding the architecture.
+    """
+    widths = [state[key].shape[-1] for key in _EMBED_DIM_KEYS if key in state and state[key].ndim >= 1]
+    neck = state.get("image_encoder.neck.0.weight")  # the image encoder's output conv: (width, C, 1, 1)
+    if neck is not None and neck.ndim >= 1:
+        widths.append(neck.shape[0])
+    if not widths:
+        return _shape(state, "mask_decoder.iou_token.weight")[-1]
+    return Counter(widths).most_common(1)[0][0]
+
+
 def _infer_vit(state: Mapping[str, Tensor]) -> SamConfig:
     patch = _shape(state, "image_encoder.patch_embed.proj.weight")  # (D, 3, 16, 16)
     if len(patch) != 4 or patch[2:] != (_VIT_PATCH, _VIT_PATCH):
@@ -319,7 +429,7 @@ def _infer_vit(state: Mapping[str, Tensor]) -> SamConfig:
         depth=len(blocks),
         num_heads=embed_dim // head_dim,
         global_attn_indexes=tuple(global_blocks),
-        prompt_embed_dim=_shape(state, "mask_decoder.iou_token.weight")[-1],
+        prompt_embed_dim=_prompt_embed_dim(state),
     )
 
 
@@ -359,7 +469,7 @@ def _infer_tiny_vit(state: Mapping[str, Tensor]) -> SamConfig:
         tiny_num_heads=tuple(heads),
         window_sizes=tuple(windows),
         patch_stride=patch_stride,
-        prompt_embed_dim=_shape(state, "mask_decoder.iou_token.weight")[-1],
+        prompt_embed_dim=_prompt_embed_dim(state),
     )
 
 
@@ -385,15 +495,31 @@ def _compare(expected: Mapping[str, Tensor], found: Mapping[str, Tensor]) -> lis
     return lines
 
 
-def _architecture_hint(state: Mapping[str, Tensor], config: SamConfig) -> list[str]:
-    """Name the architecture the file does have, when that can be told."""
-    try:
-        actual = infer_config(state)
-    except CheckpointError:
-        return []
-    if actual == config:
-        return []
-    return [f"  the file looks like a {_describe(actual)} checkpoint"]
+def mismatch_error(source: str, architecture: str, problems: list[str], actual: str | None,
+                   same: bool = False) -> CheckpointError:
+    """The error for tensors that do not fit an architecture (SAM v1 and SAM 2 loaders both raise it).
+
+    ``problems`` are :func:`_compare`'s lines (key, expected and found shape);
+    ``actual`` describes the architecture the file's tensors themselves suggest
+    (None when they suggest none), ``same`` says it is ``architecture``. The
+    last line says what to do.
+    """
+    lines = [f"{source}: checkpoint does not match the {architecture} architecture:", *problems]
+    if actual is not None and not same:
+        lines.append(
+            f"  the file looks like a {actual} checkpoint: give its path as --model (biosam.load_model(path)) so "
+            "that its architecture is read from the file, or choose the zoo model of that architecture "
+            "(`biosam models` lists them)"
+        )
+    elif same:
+        lines.append(
+            "  every other tensor fits this architecture, so the file is damaged or was changed after saving: "
+            "get a fresh copy from its publisher"
+        )
+    else:
+        lines.append("  the file is damaged or not a checkpoint of this architecture: get a fresh copy from its "
+                     "publisher, or choose the model it was published for")
+    return CheckpointError("\n".join(lines))
 
 
 def _describe(config: SamConfig) -> str:

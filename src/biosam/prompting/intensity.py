@@ -18,6 +18,8 @@ Choose a single channel before calling to segment that channel alone.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from biosam.errors import InputError
@@ -26,6 +28,12 @@ PERCENTILES = (1.0, 99.8)
 CT_WINDOWS = {"ct-soft-tissue": (40.0, 400.0), "ct-lung": (-600.0, 1500.0), "ct-bone": (400.0, 1800.0), "ct-brain": (40.0, 80.0)}
 INTENSITY_PRESETS = ("auto", "percentile", "minmax", "none", *CT_WINDOWS)
 _MAX_PERCENTILE_SAMPLES = 4_000_000
+# An image plane whose values span no more than this many grey levels (integer pixels), or this fraction of
+# their magnitude (any pixels), has no contrast to segment: normalisation would only stretch noise.
+BLANK_LEVELS = 2
+BLANK_RELATIVE = 1e-3
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_preset(intensity: str, dtype: np.dtype) -> str:
@@ -121,3 +129,31 @@ def volume_normalizer(volume, intensity: str = "auto", samples: int = 16):
     if hi <= lo:
         lo, hi = float(sample.min()), float(sample.max())
     return lambda plane: _scale(np.asarray(plane), float(lo), float(hi))
+
+
+def check_contrast(image: np.ndarray, what: str) -> str | None:
+    """Warn (log, and return the message) when the image plane ``what`` is blank: constant or nearly so.
+
+    The model still returns confident objects on such a plane (the input is
+    stretched to full range before the encoder), so they must not be trusted.
+    Nearly constant: all values within :data:`BLANK_LEVELS` grey levels for
+    integer pixels, or within :data:`BLANK_RELATIVE` of their magnitude. The
+    whole range is used, not percentiles: a few small objects on an empty
+    background are real content. Used by ``biosam segment``, ``auto`` and
+    ``volume`` on every plane they segment (whole planes, never tiles).
+    """
+    data = np.asarray(image)
+    if data.size == 0 or data.dtype == bool:
+        return None
+    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+        return None  # refused with its own message by normalize_intensity
+    lo, hi = float(data.min()), float(data.max())
+    tolerance = max(BLANK_LEVELS if np.issubdtype(data.dtype, np.integer) else 0.0,
+                    BLANK_RELATIVE * max(abs(lo), abs(hi)))
+    if hi - lo > tolerance:
+        return None
+    values = f"every pixel is {lo:g}" if hi == lo else f"all pixels lie in {lo:g}-{hi:g}"
+    message = (f"{what}: the image has no contrast ({values}), so any object found in it is unreliable; "
+               "check the file, --channel, --t or --z.")
+    logger.warning(message)
+    return message

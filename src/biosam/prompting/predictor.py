@@ -6,6 +6,7 @@ import json
 import logging
 import os
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,9 @@ from biosam.prompting.zoom import ZoomSettings, plan_crops
 logger = logging.getLogger(__name__)
 
 EMBEDDING_FORMAT = 1
+# Image-size logits of at most this many bytes are made at once: a decoder batch of 64 objects on a large
+# image is upsampled a few objects at a time (the same numbers, bounded memory).
+UPSAMPLE_BYTES = 1 << 28
 
 
 @dataclass
@@ -58,6 +62,47 @@ class Prediction:
         for k in range(n):
             labels[masks[k, best[k]]] = k + 1
         return labels
+
+
+@dataclass
+class LabelResult:
+    """Objects segmented straight into a label image by :meth:`Predictor.predict_labels`.
+
+    ``labels`` ``(H, W)``: object k (0-based) gets label k + 1 (or the
+    ``ids[k]`` asked for), later objects drawn over earlier ones, as
+    :meth:`Prediction.to_labels`. Per object, ``(N,)``:
+    ``scores`` (predicted IoU of the mask used), ``areas`` (pixels of its mask),
+    ``visible_areas`` (pixels it keeps in ``labels``), ``zoomed``. ``warnings``:
+    what the caller should tell the user (also logged).
+    """
+
+    labels: np.ndarray
+    scores: np.ndarray
+    areas: np.ndarray
+    visible_areas: np.ndarray
+    zoomed: np.ndarray
+    warnings: list[str]
+
+
+@dataclass
+class _Chunk:
+    """Decoded objects ``idx`` (at most a decoder batch): image-pixel logits ``(k, C, y1 - y0, x1 - x0)`` of the
+    window ``box`` ``(x0, y0, x1, y1)`` (the whole image, or a zoomed crop), predicted IoU ``(k, C)``, and
+    with ``low_res`` asked for, the whole image's ``(k, C, 256, 256)`` decoder logits."""
+
+    idx: np.ndarray
+    box: tuple[int, int, int, int]
+    logits: torch.Tensor
+    scores: np.ndarray
+    zoomed: bool
+    low_res: np.ndarray | None = None
+
+
+def _listed(labels: np.ndarray, limit: int = 10) -> str:
+    """``labels 3, 8, 12``, shortened after ``limit``."""
+    shown = ", ".join(str(int(i)) for i in labels[:limit])
+    more = f" and {len(labels) - limit} more" if len(labels) > limit else ""
+    return f"label{'s' if len(labels) > 1 else ''} {shown}{more}"
 
 
 class Predictor:
@@ -274,10 +319,114 @@ class Predictor:
     def predict_prompts(
         self, prompts: list[Prompt], multimask: bool = False, zoom: str = "auto", progress: bool = False
     ) -> Prediction:
-        """Segment one object per :class:`Prompt`; output arrays are ``(N, C, ...)``."""
+        """Segment one object per :class:`Prompt`; output arrays are ``(N, C, ...)``.
+
+        Holds every object's image-size masks: for thousands of prompts use
+        :meth:`predict_labels`, which gives the same labels in bounded memory.
+        """
         self._require_image()
+        h, w = self._frame.image_shape
+        prompts = [p.validate((h, w)) for p in prompts]
+        n, c = len(prompts), 3 if multimask else 1
+        masks = np.zeros((n, c, h, w), dtype=bool)
+        scores = np.zeros((n, c), dtype=np.float32)
+        low_res = np.zeros((n, c, 256, 256), dtype=np.float32)
+        zoomed = np.zeros(n, dtype=bool)
+        for chunk in self._chunks(prompts, multimask, zoom, progress, low_res=True):
+            x0, y0, x1, y1 = chunk.box
+            masks[chunk.idx, :, y0:y1, x0:x1] = (chunk.logits > 0).cpu().numpy()
+            low_res[chunk.idx] = chunk.low_res
+            scores[chunk.idx] = chunk.scores
+            zoomed[chunk.idx] = chunk.zoomed
+        return Prediction(masks, scores, low_res, zoomed)
+
+    def predict_labels(
+        self, prompts: list[Prompt], multimask: bool = False, zoom: str = "auto", progress: bool = False,
+        ids: np.ndarray | list[int] | None = None,
+    ) -> LabelResult:
+        """Segment one object per :class:`Prompt` straight into a label image.
+
+        Object k gets label ``ids[k]`` (increasing; default k + 1, which gives
+        ``predict_prompts(...).to_labels()``); where objects overlap the highest
+        label wins, as later objects are drawn over earlier ones. Objects are
+        decoded :attr:`batch_size` at a time and each mask is drawn into the
+        label image as soon as it is decoded, so memory stays bounded for any
+        number of prompts (no ``(N, H, W)`` array). ``progress`` shows a bar
+        over the objects when there is more than one batch of them. Warns (log
+        and :attr:`LabelResult.warnings`) about prompts the model was not
+        trained for and about objects that came back empty.
+        """
+        self._require_image()
+        h, w = self._frame.image_shape
+        prompts = [p.validate((h, w)) for p in prompts]
+        n = len(prompts)
+        ids = np.arange(1, n + 1) if ids is None else np.asarray(ids, dtype=np.int64).reshape(-1)
+        if len(ids) != n or (n and ids[0] < 1) or (np.diff(ids) <= 0).any():
+            raise InputError(f"ids must be {n} increasing labels >= 1, one per prompt (got {len(ids)}, "
+                             f"from {ids[:3].tolist()}...).")
+        warnings = self.prompt_warnings(prompts, ids)
+        top = int(ids[-1]) if n else 0
+        labels = np.zeros((h, w), dtype=np.uint16 if top < 65536 else np.uint32)
+        scores = np.zeros(n, dtype=np.float32)
+        areas = np.zeros(n, dtype=np.int64)
+        zoomed = np.zeros(n, dtype=bool)
+        for chunk in self._chunks(prompts, multimask, zoom, progress):
+            x0, y0, x1, y1 = chunk.box
+            best = chunk.scores.argmax(axis=1)
+            masks = (chunk.logits[torch.arange(len(best)), torch.as_tensor(best)] > 0).cpu().numpy()
+            window = labels[y0:y1, x0:x1]
+            for mask, label in zip(masks, ids[chunk.idx]):
+                # Draw only inside the mask's bounding box; the highest label wins, as later objects
+                # are drawn over earlier ones whatever order the chunks come in.
+                rows = np.flatnonzero(mask.any(axis=1))
+                if not len(rows):
+                    continue
+                cols = np.flatnonzero(mask.any(axis=0))
+                r, q = slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+                part = window[r, q]
+                part[mask[r, q] & (part < label)] = label
+            areas[chunk.idx] = masks.sum(axis=(1, 2))
+            scores[chunk.idx] = chunk.scores[np.arange(len(best)), best]
+            zoomed[chunk.idx] = chunk.zoomed
+        visible = np.bincount(labels.ravel(), minlength=top + 1)[ids]
+        empty = np.flatnonzero(areas == 0)
+        if len(empty):
+            message = (f"{len(empty)} of {n} object(s) came back empty ({_listed(ids[empty])}): the model found "
+                       "nothing at their prompts; check that each box frames its object.")
+            logger.warning(message)
+            warnings.append(message)
+        return LabelResult(labels, scores, areas, visible, zoomed, warnings)
+
+    def prompt_warnings(self, prompts: list[Prompt], ids: np.ndarray | None = None) -> list[str]:
+        """Warnings (logged, and returned) about prompts the model was not trained for; ``ids``: the objects'
+        labels, named in the message (default 1 to N).
+
+        A model trained with box prompts only (LiteMedSAM, MedSAM; see
+        :attr:`biosam.load.ModelInfo.box_only`) usually gives an empty or wrong
+        mask for an object prompted by points alone.
+        """
+        if not getattr(self.info, "box_only", False):
+            return []
+        boxless = [i for i, p in enumerate(prompts) if p.box is None]
+        if not boxless:
+            return []
+        ids = np.arange(1, len(prompts) + 1) if ids is None else np.asarray(ids)
+        message = (f"objects without a box ({_listed(ids[boxless])}): {self.info.name} was trained with box prompts "
+                   "only, so points alone usually give an empty or wrong mask. Give each object a box, or use a "
+                   "model trained with points (e.g. vit_b_lm).")
+        logger.warning(message)
+        return [message]
+
+    def _chunks(
+        self, prompts: list[Prompt], multimask: bool, zoom: str, progress: bool, low_res: bool = False
+    ) -> Iterator[_Chunk]:
+        """Decode validated ``prompts`` a batch at a time: whole-image objects first, then each zoomed crop.
+
+        Every chunk holds at most :attr:`batch_size` objects, and image-size
+        logits of at most :data:`UPSAMPLE_BYTES`, so that the caller's memory
+        does not grow with the number of prompts.
+        """
         frame = self._frame
-        prompts = [p.validate(frame.image_shape) for p in prompts]
         if any(p.mask is not None for p in prompts):
             if zoom == "on":
                 raise InputError("mask prompts refer to the whole image and cannot be zoomed; use zoom='auto' or 'off'.")
@@ -286,30 +435,32 @@ class Predictor:
         if zoom == "on" and prompts:
             extents = np.stack([_points_extent(p, frame.image_shape) if p.box is None else p.box for p in prompts])
         crops, whole = plan_crops(extents, frame.image_shape, zoom, self.zoom_settings)
-
-        n, c = len(prompts), 3 if multimask else 1
-        h, w = frame.image_shape
-        masks = np.zeros((n, c, h, w), dtype=bool)
-        scores = np.zeros((n, c), dtype=np.float32)
-        low_res = np.zeros((n, c, 256, 256), dtype=np.float32)
-        zoomed = np.zeros(n, dtype=bool)
-
-        for idx, lr, iou in self._decode(whole, prompts, self._embedding, frame, (0, 0), multimask):
-            low_res[idx] = lr.cpu().numpy()
-            scores[idx] = iou.cpu().numpy()
-            masks[idx] = (logits_to_image(lr, frame, self.info.preprocessing) > 0).cpu().numpy()
         if crops:
             logger.info("segmenting %d object(s) in %d zoomed crop(s)", sum(len(cr.objects) for cr in crops), len(crops))
-        for crop in tqdm(crops, desc="zoomed crops", disable=not progress or not crops, leave=False):
-            x0, y0, x1, y1 = crop.box
-            embedding, crop_frame = self.embed_region(crop.box)
-            for idx, lr, iou in self._decode(crop.objects, prompts, embedding, crop_frame, (x0, y0), multimask):
-                crop_logits = logits_to_image(lr, crop_frame, self.info.preprocessing)
-                masks[idx, :, y0:y1, x0:x1] = (crop_logits > 0).cpu().numpy()
-                low_res[idx] = crop_to_low_res(crop_logits, crop.box, frame).cpu().numpy()
-                scores[idx] = iou.cpu().numpy()
-                zoomed[idx] = True
-        return Prediction(masks, scores, low_res, zoomed)
+        h, w = frame.image_shape
+        c = 3 if multimask else 1
+        bar = tqdm(total=len(prompts), desc="objects", unit="obj", leave=False,
+                   disable=not progress or len(prompts) <= self.batch_size)
+        with bar:
+            for idx, lr, iou in self._decode(whole, prompts, self._embedding, frame, (0, 0), multimask):
+                step = max(1, UPSAMPLE_BYTES // (4 * c * h * w))
+                for s in range(0, len(idx), step):
+                    part = slice(s, s + step)
+                    logits = logits_to_image(lr[part], frame, self.info.preprocessing)
+                    yield _Chunk(idx[part], (0, 0, w, h), logits, iou[part].cpu().numpy(), False,
+                                 lr[part].cpu().numpy() if low_res else None)
+                bar.update(len(idx))
+            for crop in crops:
+                x0, y0, x1, y1 = crop.box
+                embedding, crop_frame = self.embed_region(crop.box)
+                step = max(1, UPSAMPLE_BYTES // (4 * c * (y1 - y0) * (x1 - x0)))
+                for idx, lr, iou in self._decode(crop.objects, prompts, embedding, crop_frame, (x0, y0), multimask):
+                    for s in range(0, len(idx), step):
+                        part = slice(s, s + step)
+                        logits = logits_to_image(lr[part], crop_frame, self.info.preprocessing)
+                        yield _Chunk(idx[part], crop.box, logits, iou[part].cpu().numpy(), True,
+                                     crop_to_low_res(logits, crop.box, frame).cpu().numpy() if low_res else None)
+                    bar.update(len(idx))
 
     @torch.inference_mode()
     def _decode(self, indices, prompts, embedding, frame, offset, multimask):

@@ -64,9 +64,10 @@ class Frame:
         h, w = image_shape
         if preprocessing in _SQUARE:
             return cls((h, w), input_size, (input_size, input_size))
+        check_proportions((h, w), input_size, preprocessing)
         scale = input_size / max(h, w, extent or 0)
-        # Same rounding as the reference ResizeLongestSide transform.
-        return cls((h, w), input_size, (int(h * scale + 0.5), int(w * scale + 0.5)))
+        # Same rounding as the reference ResizeLongestSide transform; at least 1 px for a thin tile in a large extent.
+        return cls((h, w), input_size, (max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))))
 
     @property
     def scale_xy(self) -> tuple[float, float]:
@@ -79,6 +80,32 @@ class Frame:
         sx, sy = self.scale_xy
         factors = np.array([sx, sy] * (coords.shape[-1] // 2))
         return coords * factors
+
+
+def check_proportions(
+    image_shape: tuple[int, int], input_size: int, preprocessing: str, model: str | None = None
+) -> None:
+    """Refuse an image too elongated for a model that keeps the aspect ratio.
+
+    Such a model (``sam``, ``lite_medsam`` preprocessing) fits the long side to
+    its ``input_size`` px input; an image whose short side would then be under
+    one pixel has nothing left to segment (a 3 x 100000 px strip). Models that
+    stretch the image to a square take any shape. :class:`InputError` says how
+    long the image may be at its width; callers add the file name.
+    """
+    h, w = image_shape
+    if preprocessing in _SQUARE or min(h, w) < 1:
+        return
+    short, long = min(h, w), max(h, w)
+    if int(short * input_size / long + 0.5) >= 1:
+        return
+    side = "height" if h < w else "width"
+    model = f" '{model}'" if model else ""
+    raise InputError(
+        f"the image is {h} x {w} px (height x width), too elongated for the model{model}: fitted to its "
+        f"{input_size} px input, its {side} would be under one pixel. At a {side} of {short} px it may be at most "
+        f"{2 * short * input_size} px long; crop it into shorter pieces."
+    )
 
 
 def _minmax(x: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,8 @@ import numpy as np
 
 from biosam.errors import InputError
 from biosam.prompting.preprocess import LOW_RES
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,7 +34,11 @@ class Prompt:
     z: int | None = None
 
     def validate(self, image_shape: tuple[int, int]) -> Prompt:
-        """Return a checked copy with float arrays; raise :class:`InputError` for unusable prompts."""
+        """Return a checked copy with float arrays; raise :class:`InputError` for unusable prompts.
+
+        A box reaching over the image's edge is clipped to the image (with a
+        logged warning); one with no part inside the image is refused.
+        """
         h, w = image_shape
         box = points = labels = mask = None
         if self.box is not None:
@@ -41,11 +48,16 @@ class Prompt:
             x0, y0, x1, y1 = box
             if x1 <= x0 or y1 <= y0:
                 raise InputError(f"box {box.tolist()} is empty: x1 must exceed x0 and y1 must exceed y0.")
-            if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
+            inside = np.minimum(np.maximum(box, 0.0), [w, h, w, h])
+            if inside[2] <= inside[0] or inside[3] <= inside[1]:
                 raise InputError(
-                    f"box {box.tolist()} lies outside the image (width {w}, height {h}); "
-                    "coordinates are pixels of the original image."
+                    f"box {box.tolist()} lies entirely outside the image (width {w}, height {h}); "
+                    "coordinates are pixels of the original image, x to the right and y down from the top-left corner."
                 )
+            if not np.array_equal(inside, box):
+                logger.warning("box %s reaches over the edge of the image (width %d, height %d); using its part "
+                               "inside the image, %s", box.tolist(), w, h, inside.tolist())
+                box = inside
         if self.points is not None:
             points = _as_float(self.points, "points")
             if points.size == 0 or points.shape[-1] != 2 or not np.isfinite(points).all():
@@ -74,6 +86,23 @@ class Prompt:
     def structure(self) -> tuple[bool, int, bool]:
         """Prompts with the same structure can be decoded in one batched call."""
         return self.box is not None, 0 if self.points is None else len(self.points), self.mask is not None
+
+
+def check_prompts(prompts: list[Prompt], image_shape: tuple[int, int], source: str) -> list[Prompt]:
+    """Validate every object's prompts against an image of ``image_shape`` (height, width) before any work.
+
+    Returns the checked copies (:meth:`Prompt.validate`: boxes reaching over the
+    edge clipped to the image); the first unusable object raises
+    :class:`InputError` naming ``source`` (the image) and the object's index.
+    """
+    checked = []
+    for i, prompt in enumerate(prompts):
+        try:
+            checked.append(prompt.validate(image_shape))
+        except InputError as exc:
+            where = "" if prompt.z is None else f" (slice z={prompt.z})"
+            raise InputError(f"{source}: object {i}{where}: {exc}") from None
+    return checked
 
 
 def _as_float(value, what: str) -> np.ndarray:

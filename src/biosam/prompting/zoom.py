@@ -88,21 +88,26 @@ def plan_crops(
 
     crops: list[Crop] = []
     whole = [i for i in range(n) if not wanted[i]]
+    # The windows planned so far as arrays, so that finding the first one an object fits is one vectorised
+    # test per object rather than a Python loop over every window (thousands of boxes, thousands of windows).
+    boxes = np.zeros((int(wanted.sum()), 4))
+    crop_sides = np.zeros(len(boxes))
     # Largest objects first so each window is sized by the object that needs the most room.
     for i in sorted(np.flatnonzero(wanted), key=lambda k: -sizes[k]):
-        for crop in crops:
-            x0, y0, x1, y1 = crop.box
-            crop_side = max(x1 - x0, y1 - y0)
-            margin = (sides[i] - sizes[i]) / 4  # keep at least half the wanted context around the object
-            inside = (
-                extents[i, 0] - margin >= x0
-                and extents[i, 1] - margin >= y0
-                and extents[i, 2] + margin <= x1
-                and extents[i, 3] + margin <= y1
-            )
-            if inside and sides[i] >= crop_side / 1.5:
-                crop.objects.append(int(i))
-                break
+        m = len(crops)
+        margin = (sides[i] - sizes[i]) / 4  # keep at least half the wanted context around the object
+        fits = (
+            (extents[i, 0] - margin >= boxes[:m, 0])
+            & (extents[i, 1] - margin >= boxes[:m, 1])
+            & (extents[i, 2] + margin <= boxes[:m, 2])
+            & (extents[i, 3] + margin <= boxes[:m, 3])
+            & (sides[i] >= crop_sides[:m] / 1.5)
+        )
+        if fits.any():
+            crops[int(np.argmax(fits))].objects.append(int(i))
         else:
-            crops.append(Crop(_window(centers[i], sides[i], image_shape), [int(i)]))
+            crop = Crop(_window(centers[i], sides[i], image_shape), [int(i)])
+            x0, y0, x1, y1 = crop.box
+            boxes[m], crop_sides[m] = crop.box, max(x1 - x0, y1 - y0)
+            crops.append(crop)
     return crops, whole

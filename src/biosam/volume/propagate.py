@@ -13,6 +13,7 @@ longer overlaps the previous one.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -75,12 +76,14 @@ class VolumeSegmentation:
     ``labels``: object ``k`` (prompt order) has label ``k + 1``; where two
     objects' masks overlap, the one nearer its prompted slice keeps the pixels. ``scores``: ``(n, Z)`` predicted IoU per
     slice, NaN where the object is absent. ``z_range``: ``(n, 2)`` first and
-    last slice of each object.
+    last slice of each object. ``normalize``: the intensity mapping used for every
+    slice (raw slice -> [0, 255] float32), e.g. to draw an overlay of a slice.
     """
 
     labels: np.ndarray
     scores: np.ndarray
     z_range: np.ndarray
+    normalize: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 @dataclass
@@ -205,9 +208,9 @@ def segment_volume(
     One intensity window (``intensity`` preset) is used for the whole volume.
     SAM 2 models follow objects with their memory (see
     :mod:`biosam.volume.memory`), SAM v1 models by projecting the last mask.
-    ``out``: an existing ``(Z, Y, X)`` integer array (e.g. Zarr or a memmap) to
-    write the labels into slice by slice, so that no volume-sized array is held
-    in memory.
+    ``out``: an existing ``(Z, Y, X)`` integer array (e.g. Zarr, a memmap, or
+    what :func:`biosam.io.open_labels` yields, indexed by slice) to write the
+    labels into slice by slice, so that no volume-sized array is held in memory.
     """
     settings = settings or PropagationSettings()
     depth, height, width = _check(volume, prompts)
@@ -221,7 +224,7 @@ def segment_volume(
         track_objects(predictor, volume, prompts, settings, normalize, labels, scores, progress)
     else:
         _project_objects(predictor, volume, prompts, settings, normalize, labels, scores, progress)
-    return VolumeSegmentation(labels, scores, _z_range(scores))
+    return VolumeSegmentation(labels, scores, _z_range(scores), normalize)
 
 
 def _project_objects(predictor, volume, prompts, settings, normalize, labels, scores, progress) -> None:

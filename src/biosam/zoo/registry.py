@@ -61,7 +61,8 @@ _SAM2_PARAMS_M = {"tiny": 38.96, "small": 46.06, "base_plus": 80.85, "large": 22
 
 # SAM/micro-sam predictions: a single mask per prompt, cut at logit 0.
 _SAM_DEFAULTS = {"multimask": False, "mask_threshold": 0.0}
-# MedSAM-style models were trained on box prompts only; sigmoid > 0.5 is logit > 0.
+# MedSAM-style models were trained on box prompts only ("prompt": "box", read by ModelInfo.box_only: objects
+# prompted without a box get a warning); sigmoid > 0.5 is logit > 0.
 # Their point prompts are untrained too, so automatic mask generation uses a grid of boxes about one
 # grid spacing wide (measured on nuclei: F1@0.5 0.62 on whole NIH3T3 images, ~0 with Meta's point grid).
 _BOX_DEFAULTS = {"prompt": "box", "multimask": False, "mask_threshold": 0.0,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from ..checkpoint import CheckpointError, _compare, read_state_dict
+from ..checkpoint import CheckpointError, _compare, mismatch_error, read_state_dict
 from .config import SAM2_CONFIGS, Sam2Config, sam2_config_name
 from .hiera import HIERA_CONFIGS
 from .model import Sam2
@@ -107,14 +107,12 @@ def load_sam2_state_dict(
     model = Sam2(config)
     problems = _compare(model.state_dict(), state)
     if problems:
-        lines = [f"{source}: checkpoint does not match the {_describe(config)} architecture:", *problems]
         try:
             actual = infer_sam2_config(state, config.image_size)
         except CheckpointError:
             actual = None
-        if actual is not None and actual != config:
-            lines.append(f"  the file looks like a {_describe(actual)} checkpoint")
-        raise CheckpointError("\n".join(lines))
+        raise mismatch_error(source, _describe(config), problems, None if actual is None else _describe(actual),
+                             same=actual == config)
     model.load_state_dict(state, strict=True)
     logger.info("loaded %s as %s", source, _describe(config))
     return model.eval()
