@@ -19,7 +19,7 @@ lossless compression (``COMPRESSIONS``; Deflate unless asked otherwise).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import importlib
 import logging
 import os
 import threading
@@ -125,7 +125,9 @@ def _compression_name(code: int) -> str:
 
 
 def _missing_codec(path: Path, what: str, detail: str) -> InputError:
-    if importlib.util.find_spec("imagecodecs") is None:
+    try:
+        importlib.import_module("imagecodecs")  # whether it is there at all, or there but lacks this codec
+    except ImportError:
         fix = "Install the TIFF codecs: pip install imagecodecs"
     else:
         fix = ("The installed imagecodecs lacks it; reinstall the full package: pip install --force-reinstall "
