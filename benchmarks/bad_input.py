@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fidelity import markdown  # benchmarks/ is on sys.path when a script here runs
+from fidelity import cpu_model, markdown  # benchmarks/ is on sys.path when a script here runs
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -925,15 +925,20 @@ def _(w: Work) -> None:
               f"add {masks_mb:.0f} MB); 400/400 progress bar; {len(np.unique(labels)) - 1} labels visible")
 
 
+def _w_warned(w: Work, phrase: str) -> None:
+    """Check that the run warned with ``phrase`` in its --json report and on stderr; the warning is the note."""
+    warnings = _w_report(w).get("warnings", [])
+    w.check(any(phrase in m for m in warnings), "no warning in the --json report")
+    w.check(phrase in w.stderr, "no warning on stderr")
+    w.note = first_line("\n".join(warnings)) or None
+
+
 @case("4", "point-only prompt with the box-trained default model", expect="ok")
 def _(w: Work) -> None:
     image = w.user_file("nuclei.png", real_nuclei_png)
     w.outputs = [w.path("labels.tif")]
     w.run("segment", image.name, "--point", "62,40", "-o", "labels.tif", "--json")
-    warnings = _w_report(w).get("warnings", [])
-    w.check(any("box prompts only" in m for m in warnings), "no warning in the --json report")
-    w.check("box prompts only" in w.stderr, "no warning on stderr")
-    w.note = first_line("\n".join(warnings)) or None
+    _w_warned(w, "box prompts only")
 
 
 @case("4", "blank image (constant): segment", expect="ok")
@@ -943,10 +948,7 @@ def _(w: Work) -> None:
     image = w.user_file("blank.png", lambda p: iio.imwrite(p, np.full((256, 256), 128, np.uint8)))
     w.outputs = [w.path("labels.tif")]
     w.run("segment", image.name, "--box", "40,40,160,160", "-o", "labels.tif", "--json")
-    warnings = _w_report(w).get("warnings", [])
-    w.check(any("no contrast" in m for m in warnings), "no warning in the --json report")
-    w.check("no contrast" in w.stderr, "no warning on stderr")
-    w.note = first_line("\n".join(warnings)) or None
+    _w_warned(w, "no contrast")
 
 
 @case("4", "blank image (camera noise, 3 grey levels): auto", expect="ok")
@@ -957,24 +959,10 @@ def _(w: Work) -> None:
     image = w.user_file("dark.png", lambda p: iio.imwrite(p, noise))
     w.outputs = [w.path("labels.tif")]
     w.run("auto", image.name, "-o", "labels.tif", "--json")
-    warnings = _w_report(w).get("warnings", [])
-    w.check(any("no contrast" in m for m in warnings), "no warning in the --json report")
-    w.check("no contrast" in w.stderr, "no warning on stderr")
-    w.note = first_line("\n".join(warnings)) or None
+    _w_warned(w, "no contrast")
 
 
 # ----------------------------------------------------------------------------- main
-
-
-def _cpu() -> str:
-    """The CPU model (from /proc/cpuinfo where there is one)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -993,7 +981,7 @@ def main() -> None:
             print(f"    {rows[-1][-1]} ({rows[-1][-2]} s)", file=sys.stderr, flush=True)
     header = ["item", "case", "exit", "message / measured", "left behind", "user files", "s", "verdict"]
     table = markdown(header, rows)
-    text = f"{table}\n\n{_cpu()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    text = f"{table}\n\n{cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     print(text)
     if args.out:
         args.out.write_text(text + "\n")

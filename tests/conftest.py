@@ -69,3 +69,18 @@ def make_copick_project(folder: Path) -> tuple[Path, np.ndarray]:
     other.new_voxel_spacing(10.0)
     other.new_voxel_spacing(20.0)
     return config, tomogram
+
+
+@pytest.fixture
+def shared_model(monkeypatch, lite_medsam):
+    """``biosam.load_model`` returning the session's LiteMedSAM for the CLI's default: CLI tests are not about loading it."""
+    import biosam
+
+    real = biosam.load_model
+
+    def load_model(name, **options):
+        if name == "lite_medsam" and options.get("precision", "auto") == "auto" and not options.get("preprocessing"):
+            return lite_medsam
+        return real(name, **options)
+
+    monkeypatch.setattr(biosam, "load_model", load_model)

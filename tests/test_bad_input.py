@@ -56,18 +56,6 @@ def no_model(monkeypatch):
     monkeypatch.setattr(biosam, "load_model", load_model)
 
 
-@pytest.fixture
-def shared_model(monkeypatch, lite_medsam):
-    """The CLI's default model is the session's: loading it again is not what these tests are about."""
-    real = biosam.load_model
-
-    def load_model(name, **options):
-        if name == "lite_medsam" and options.get("precision", "auto") == "auto" and not options.get("preprocessing"):
-            return lite_medsam
-        return real(name, **options)
-
-    monkeypatch.setattr(biosam, "load_model", load_model)
-
 
 @pytest.fixture(scope="module")
 def nuclei(dsb_nuclei):

@@ -42,18 +42,6 @@ def copies(tmp_path_factory, dsb_nuclei):
     return folder, paths, [",".join(str(v) for v in b) for b in boxes[:3]], ["--embeddings", folder / "emb.zarr"]
 
 
-@pytest.fixture
-def shared_model(monkeypatch, lite_medsam):
-    """The CLI's load_model returning the session's model: loading it is not what these tests are about."""
-    real = biosam.load_model
-
-    def load_model(name, **options):
-        if name == "lite_medsam" and options.get("precision", "auto") == "auto" and not options.get("preprocessing"):
-            return lite_medsam
-        return real(name, **options)
-
-    monkeypatch.setattr(biosam, "load_model", load_model)
-
 
 # The labels' --compression for each input copy, so every output choice is checked on the way (None: the default).
 OUTPUTS = ((None, 8), ("none", 1), ("lzw", 5), ("zstd", 50000))
