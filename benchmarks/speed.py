@@ -195,7 +195,7 @@ def amg_rows() -> tuple[list[list[str]], list[list[str]]]:
     image, _ = read_pair(*next(p for p in val if "nuclei_nih3t3" in str(p[0])))
     crop = image[:1024, :1024].astype(np.float32)
     crop = np.rint((crop - crop.min()) / (crop.max() - crop.min()) * 255).astype(np.uint8)  # spans 0..255:
-    rgb = np.repeat(crop[..., None], 3, axis=-1)  # min-max (ours) equals /255 (reference wrapper below)
+    rgb = np.repeat(crop[..., None], 3, axis=-1)  # taken as it is (ours: "none") equals /255 (the reference below)
     # Meta's generator drives any Sam-shaped model; LiteMedSAM's input is the 0..1 image, padded.
     wrapper = Sam(ref.image_encoder, ref.prompt_encoder, ref.mask_decoder, pixel_mean=[0.0] * 3, pixel_std=[255.0] * 3)
     thresholds = {"pred_iou_thresh": 0.3, "stability_score_thresh": 0.14}
@@ -207,10 +207,10 @@ def amg_rows() -> tuple[list[list[str]], list[list[str]]]:
                            **thresholds)
 
     # Warm-up on a 4 x 4 grid, then one timed 32 x 32 run each (the reference takes minutes).
-    generate_masks(predictor, rgb, AmgSettings(points_per_side=4, max_mask_area_fraction=1.0))
+    generate_masks(predictor, rgb, AmgSettings(points_per_side=4, max_mask_area_fraction=1.0), intensity="none")
     SamAutomaticMaskGenerator(wrapper.eval(), points_per_side=4).generate(rgb)
     start = time.perf_counter()
-    ours_masks = [m.mask for m in generate_masks(predictor, rgb, settings)]
+    ours_masks = [m.mask for m in generate_masks(predictor, rgb, settings, intensity="none")]
     t_ours = time.perf_counter() - start
     # The reference decodes our embedding (its own resize of the image differs in the last bits, which
     # flips masks sitting at these low thresholds), so the masks compare the generator alone; its own

@@ -1,16 +1,22 @@
-"""Train the instance decoder shipped for LiteMedSAM (``biosam/automatic/weights/lite_medsam_nuclei_decoder.pt``).
+"""Train the instance decoder shipped for LiteMedSAM, and its leave-one-set-out twins.
 
-Data: the project's nuclei split (:func:`biosam.automatic.data.nuclei_split`):
-14 NIH3T3 Hoechst images for training; 4 NIH3T3 images choose the best epoch,
-and the DSB2018 image is only scored at the end (unseen microscope). Training tiles are cut at three scales (native, 1/2, 1/4)
-so that the decoder also sees nuclei as small as DSB2018's (about 24 px across;
-NIH3T3 nuclei are about 95 px). Run from the repository root:
+Data: every light-microscopy set under ``--data`` with dense instance labels
+(:data:`biosam.automatic.data.LM_SETS`: NIH3T3, DSB2018, StarDist's synthetic 3D
+nuclei as 2D slices). Every image is resized so that its median nucleus is
+``OBJECT_SIZE`` px across, then cut into tiles at scales around that (scale
+augmentation), most of them re-exposed (gamma, offset, blur, noise, dim 8-bit
+or 16-bit storage). Images without objects (camera noise; nucleus-free NIH3T3
+regions, left out when NIH3T3 is held out) teach it to find nothing there. Small
+sets are repeated so that each set gives a similar number of tiles. One recipe
+for all runs:
 
-    python scripts/train_default_decoder.py --data ../shared/data
+- ``--held SET``: train on the other sets only and write ``<folds>/without_SET.pt``;
+  ``benchmarks/auto_quality.py`` scores it on SET, which it never saw.
+- default: train on all sets and write the shipped decoder.
 
-Embeddings are cached (``--cache-dir``), so a second run, or ``--resume`` after
-an interruption, skips the encoder. The scores per validation set are printed
-as JSON at the end and stored in the checkpoint (``training.validation``).
+    python scripts/train_default_decoder.py --data ../shared/data [--held nih3t3]
+
+Embeddings are cached (``--cache-dir``), so the runs share the encoder's work.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -25,70 +32,54 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO / "src" / "biosam" / "automatic" / "weights" / "lite_medsam_nuclei_decoder.pt"
+OBJECT_SIZE = 32.0
+TILES_PER_SET = 12  # images per set after repetition
+
+
+def recipe(epochs: int):
+    from biosam.train import TrainSettings
+
+    return TrainSettings(epochs=epochs, patience=epochs, object_size=OBJECT_SIZE, scales=(0.7, 1.0, 1.4),
+                         crops_per_image=(4, 4, 4), augment=0.7, variants=1, window=32, steps_per_epoch=60,
+                         batch_size=8, lr=2e-3, seed=0, intensity="auto")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="folder with nuclei_nih3t3/")
-    parser.add_argument("--output", type=Path, default=WEIGHTS)
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="embedding cache [default: <biosam cache>/decoder-embeddings]")
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (1 is fastest on a machine shared with other jobs)")
-    parser.add_argument("--resume", action="store_true")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    torch.set_num_threads(args.threads)
-
-    from biosam import load_model
-    from biosam.automatic.ais import load_decoder
-    from biosam.automatic.data import nuclei_split
-    from biosam.train import TrainSettings, train_decoder
-    from biosam.train.decoder import EmbeddingCache, evaluate_decoder, resume_path, validation_images
+    from biosam.automatic.data import LM_SETS, background_pairs, light_microscopy_sets
     from biosam.zoo.download import cache_dir
 
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--held", choices=LM_SETS, default=None, help="leave this set out (a fold decoder)")
+    parser.add_argument("--folds", type=Path, default=cache_dir() / "decoder-folds",
+                        help="where fold decoders go [default: <biosam cache>/decoder-folds]")
+    parser.add_argument("--cache-dir", type=Path, default=cache_dir() / "decoder-embeddings")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from biosam import load_model
+    from biosam.train import train_decoder
+    from biosam.train.decoder import resume_path
+
     started = time.perf_counter()
-    train, val = nuclei_split(args.data)
-    model = load_model("lite_medsam", device="cpu")
-    settings = TrainSettings(
-        epochs=args.epochs,
-        patience=8,
-        scales=(1.0, 0.5, 0.25),
-        crops_per_image=(12, 6, 2),
-        variants=1,
-        window=32,
-        steps_per_epoch=60,
-        batch_size=8,
-        lr=2e-3,
-        seed=0,
-    )
-    cache = args.cache_dir or cache_dir() / "decoder-embeddings"
-    # The best epoch is chosen on the NIH3T3 validation images (the microscope the decoder is for);
-    # DSB2018 stays unseen and is only scored at the end.
-    nih3t3_val = [p for p in val if "nuclei_nih3t3" in str(p[0])]
-    result = train_decoder(model, train, nih3t3_val, args.output, settings, cache_dir=cache, resume=args.resume)
-    resume_path(args.output).unlink(missing_ok=True)  # keep the package folder free of training state
-
-    # Scores per validation set: NIH3T3 (same microscope as training) and DSB2018 (unseen data).
-    decoder = load_decoder(args.output, model)
-    params = decoder.info["postprocessing"]
-    from biosam.automatic.instances import PostProcessing
-
-    report = {"seconds": round(time.perf_counter() - started, 1), "best_epoch": result.best_epoch,
-              "epochs_run": result.epochs_run, "parameters": result.parameters, "postprocessing": params,
-              "history": result.history, "validation_all": result.validation}
-    embeddings = EmbeddingCache(model, cache)
-    sets = (("nih3t3_val", [p for p in val if "nuclei_nih3t3" in str(p[0])], 1.0),
-            ("dsb2018", [p for p in val if "dsb2018" in str(p[0])], 1.0),
-            # DSB2018 nuclei are about 25 px across, a quarter of NIH3T3's: the same decoder on the image at 2x
-            ("dsb2018_upscaled_2x", [p for p in val if "dsb2018" in str(p[0])], 2.0))
-    for name, pairs, scale in sets:
-        items = validation_images(model, pairs, decoder.info["tile"], decoder.info["halo"],
-                                  decoder.info["intensity"], embeddings, scale=scale)
-        scores, per_image = evaluate_decoder(decoder, items, PostProcessing.from_dict(params))
-        report[name] = scores | {"per_image": per_image}
-    print(json.dumps(report, indent=2))
+    scratch = args.cache_dir.parent / "lm-sets"
+    sets = light_microscopy_sets(args.data, scratch)
+    sets["background"] = background_pairs(args.data, scratch / "background", real=args.held != "nih3t3")
+    train = []
+    for name, pairs in sets.items():
+        if name != args.held:
+            train += pairs * max(1, math.ceil(TILES_PER_SET / len(pairs)))
+    output = WEIGHTS if args.held is None else args.folds / f"without_{args.held}.pt"
+    model = load_model("lite_medsam", device="cpu", precision="fp32")
+    result = train_decoder(model, train, [], output, recipe(args.epochs), cache_dir=args.cache_dir)
+    resume_path(output).unlink(missing_ok=True)  # keep the package folder free of training state
+    print(json.dumps({"output": str(output), "held": args.held, "sets": [s for s in sets if s != args.held],
+                      "seconds": round(time.perf_counter() - started, 1), "best_epoch": result.best_epoch,
+                      "postprocessing": result.postprocessing, "history": result.history}, indent=2))
 
 
 if __name__ == "__main__":

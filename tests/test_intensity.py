@@ -37,6 +37,6 @@ def test_minmax_none_and_auto():
     image = np.array([[10, 20], [30, 50]], dtype=np.uint16)
     np.testing.assert_allclose(normalize_intensity(image, "minmax")[..., 0], [[0, 63.75], [127.5, 255]])
     np.testing.assert_array_equal(normalize_intensity(image, "none")[..., 0], image)
-    assert resolve_preset("auto", np.uint8) == "none" and resolve_preset("auto", np.float32) == "percentile"
+    assert resolve_preset("auto", np.uint8) == "percentile" and resolve_preset("auto", np.float32) == "percentile"
     with pytest.raises(InputError, match="unknown intensity preset 'gamma'"):
         normalize_intensity(image, "gamma")

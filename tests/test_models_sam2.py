@@ -107,7 +107,7 @@ def _pair(config: Sam2Config, image: np.ndarray, folder, filename: str):
     ref_predictor.set_image(np.repeat(image[..., None], 3, axis=-1))
     ours = biosam.Predictor(model)
     with torch.inference_mode():
-        ours.set_image(image)
+        ours.set_image(image, "none")  # the reference gets these uint8 pixels as they are
     return ref_predictor, ours
 
 
@@ -299,13 +299,13 @@ def test_embedding_store_and_saved_embeddings(pair_512, crop_uint8, tmp_path):
         expected = ours.predict(**kwargs)
         ours.save_embedding(tmp_path / "e.npz")
         restored = biosam.Predictor(model)
-        restored.load_embedding(tmp_path / "e.npz", crop_uint8)
+        restored.load_embedding(tmp_path / "e.npz", crop_uint8, "none")
         assert torch.equal(restored.embedding, ours.embedding)
         again = restored.predict(**kwargs)
         stored = biosam.Predictor(model, store=tmp_path / "store.zarr")
-        stored.set_image(crop_uint8)
+        stored.set_image(crop_uint8, "none")
         cached = biosam.Predictor(model, store=tmp_path / "store.zarr")
-        cached.set_image(crop_uint8)
+        cached.set_image(crop_uint8, "none")
     assert cached.store.hits == 1 and len(cached.store) == 1
     assert torch.equal(cached.embedding, ours.embedding)
     assert np.array_equal(again.low_res_logits, expected.low_res_logits)

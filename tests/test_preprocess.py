@@ -12,11 +12,13 @@ from biosam.prompting.intensity import normalize_intensity
 from biosam.prompting.preprocess import Frame, logits_to_image, model_input
 
 
-def test_uint8_gray_is_used_unchanged_as_rgb():
-    img = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+def test_uint8_gray_is_stretched_like_any_other_type():
+    img = np.arange(12, dtype=np.uint8).reshape(3, 4) * 5  # a dim 8-bit image: 0..55 of 255
     rgb = normalize_intensity(img)
     assert rgb.shape == (3, 4, 3) and rgb.dtype == np.float32
-    np.testing.assert_array_equal(rgb[..., 1], img)
+    assert rgb.min() == 0 and rgb.max() == 255 and np.all(np.diff(rgb[..., 1].ravel()) > 0)
+    np.testing.assert_allclose(rgb, normalize_intensity(img.astype(np.uint16) * 257), atol=1e-3)  # its 16-bit twin
+    np.testing.assert_array_equal(normalize_intensity(img, "none")[..., 1], img)  # "none" keeps the values
 
 
 def test_uint16_is_scaled_by_percentiles(dsb_nuclei):
@@ -44,7 +46,7 @@ def test_channel_layouts():
     rgb = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
     np.testing.assert_array_equal(normalize_intensity(np.moveaxis(rgb, -1, 0)), normalize_intensity(rgb))
     rgba = np.concatenate([rgb, np.full((20, 30, 1), 255, np.uint8)], axis=-1)
-    np.testing.assert_array_equal(normalize_intensity(rgba), rgb.astype(np.float32))
+    np.testing.assert_array_equal(normalize_intensity(rgba), normalize_intensity(rgb))
     two = rng.random((20, 30, 2)).astype(np.float32)
     comp = normalize_intensity(two)
     assert np.all(comp[..., 0] == comp[..., 2])  # documented grayscale composite

@@ -113,3 +113,39 @@ def test_train_cli_writes_a_loadable_decoder_and_resumes(tiny_pairs, tmp_path, l
     assert isinstance(result.exception, InputError) and "other images or settings" in str(result.exception)
     result = runner.invoke(train, [*args[:5], "-o", str(tmp_path / "new.pt"), "--resume"])
     assert isinstance(result.exception, InputError) and "no saved training state" in str(result.exception)
+
+
+def test_intensity_augmentation_keeps_the_content(dsb_nuclei):
+    """Re-exposed copies of real nuclei: dim 8-bit to 16-bit, nuclei still brighter than their background."""
+    import numpy as np
+
+    from biosam.train.augment import augment_intensity
+
+    image, labels = dsb_nuclei
+    rng = np.random.default_rng(0)
+    copies = [augment_intensity(image, rng) for _ in range(24)]
+    assert {c.dtype for c in copies} == {np.dtype(np.uint8), np.dtype(np.uint16)}
+    assert min(int(c.max()) for c in copies if c.dtype == np.uint8) < 60  # some are dim
+    assert len({c.tobytes() for c in copies}) == len(copies)
+    for c in copies:
+        assert c.shape == image.shape
+        assert c[labels > 0].mean() > c[labels == 0].mean()
+    with pytest.raises(InputError, match="augment"):
+        TrainSettings(augment=1.5)
+    with pytest.raises(InputError, match="object_size"):
+        TrainSettings(object_size=2)
+
+
+def test_object_size_resizes_training_images_to_one_size(tiny_pairs, tmp_path, lite_medsam):
+    from biosam.automatic.ais import load_decoder
+    from biosam.cli.train import train
+
+    out = tmp_path / "sized.pt"
+    args = ["decoder", "--images", str(tiny_pairs / "images"), "--labels", str(tiny_pairs / "labels"),
+            "-o", str(out), "--val-fraction", "0", "--crops-per-image", "2", "--batch-size", "2", "--epochs", "1",
+            "--object-size", "40", "--augment", "1", "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
+    result = CliRunner().invoke(train, args)
+    assert result.exit_code == 0, result.output
+    # NIH3T3 nuclei (about 85 px) were halved: the decoder records 40 px, not their size in the files.
+    assert 30 < load_decoder(out, lite_medsam).info["object_size"] < 50
+    assert len(list((tmp_path / "cache").iterdir())) == 4  # every tile re-exposed: 2 crops x 2 images

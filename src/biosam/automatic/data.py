@@ -164,3 +164,104 @@ def dihedral(array: np.ndarray, k: int) -> np.ndarray:
     if k >= 4:
         out = out[..., ::-1]
     return np.ascontiguousarray(out)
+
+
+#: The light-microscopy sets with dense instance labels under the project's data folder, for training and
+#: leave-one-set-out scoring of the shipped decoder (BBBC007's labels are sparse: see :func:`bbbc007_pairs`).
+LM_SETS = ("nih3t3", "dsb2018", "stardist3d")
+
+
+def light_microscopy_sets(root: str | os.PathLike, scratch: str | os.PathLike) -> dict[str, list[Pair]]:
+    """The :data:`LM_SETS` as ``{name: [(image_path, label_path), ...]}``.
+
+    ``root`` holds ``nuclei_nih3t3/`` (18 Hoechst images, binary masks),
+    ``stardist_dsb2018_nuclei_2d/`` (one DSB2018 image) and
+    ``stardist_synthetic_nuclei_3d/`` (a 3D volume whose every second z slice
+    with at least 3 nuclei becomes a 2D pair, written to ``scratch`` once).
+    """
+    root, scratch = Path(root), Path(scratch)
+    nih = root / "nuclei_nih3t3"
+    numbers = sorted(int(p.stem.split("-")[1]) for p in (nih / "images").glob("dna-*.png"))
+    dsb = root / "stardist_dsb2018_nuclei_2d"
+    sets = {"nih3t3": [(nih / "images" / f"dna-{n}.png", nih / "labels" / f"{n}.png") for n in numbers],
+            "dsb2018": [(dsb / "img2d.tif", dsb / "mask2d.tif")],
+            "stardist3d": _volume_slices(root / "stardist_synthetic_nuclei_3d", scratch / "stardist3d")}
+    missing = [str(p) for pairs in sets.values() for pair in pairs for p in pair if not p.is_file()]
+    if missing or not sets["nih3t3"]:
+        raise InputError(f"light-microscopy data incomplete: {missing[0] if missing else nih} not found.")
+    return sets
+
+
+def _volume_slices(folder: Path, scratch: Path) -> list[Pair]:
+    import tifffile
+
+    image_path, label_path = folder / "img3d.tif", folder / "mask3d.tif"
+    if not image_path.is_file():
+        return [(image_path, label_path)]  # reported as missing by the caller
+    volume, labels = tifffile.imread(image_path), tifffile.imread(label_path)
+    out = []
+    for z in range(0, volume.shape[0], 2):
+        if len(np.unique(labels[z])) - 1 < 3:
+            continue
+        pair = (scratch / "images" / f"z{z:02d}.tif", scratch / "labels" / f"z{z:02d}.tif")
+        if not all(p.is_file() for p in pair):
+            for path, data in zip(pair, (volume[z], labels[z])):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tifffile.imwrite(path, data)
+        out.append(pair)
+    return out
+
+
+def bbbc007_pairs(root: str | os.PathLike) -> list[Pair]:
+    """BBBC007's 6 DNA images with their sparse labels (6-9 nuclei each; the other nuclei are unlabelled)."""
+    folder = Path(root) / "bbbc007_sparse_instances"
+    return pair_by_stem(folder / "images", folder / "sparse_labels")
+
+
+#: NIH3T3 images whose nucleus-free regions the tests use as unseen background; never training background.
+BACKGROUND_TEST_IMAGES = (1, 46)
+
+
+def background_pairs(root: str | os.PathLike, scratch: str | os.PathLike, real: bool = True) -> list[Pair]:
+    """Images without objects, with empty labels, written to ``scratch`` once: they teach a decoder to find nothing.
+
+    Six camera-noise images (Poisson and Gaussian, dim 8-bit and 16-bit, flat and
+    with uneven illumination) and, with ``real``, one nucleus-free 256 px region
+    of each NIH3T3 image that has one (except :data:`BACKGROUND_TEST_IMAGES`).
+    """
+    import tifffile
+
+    rng = np.random.default_rng(2026)
+    yy, xx = np.mgrid[:256, :256] / 256.0
+    images = {
+        "poisson1": rng.poisson(1.0, (256, 256)).astype(np.uint8),
+        "poisson8": rng.poisson(8.0 * (1 + 0.5 * xx), (256, 256)).astype(np.uint8),
+        "gauss16": (300 + rng.normal(0, 12, (256, 256))).astype(np.uint16),
+        "ramp16": (2000 + 800 * yy + rng.normal(0, 40, (256, 256))).astype(np.uint16),
+        "smooth8": np.clip(20 + 15 * ndimage.gaussian_filter(rng.normal(0, 1, (256, 256)), 12) * 12
+                           + rng.normal(0, 2, (256, 256)), 0, 255).astype(np.uint8),
+        "speckle16": (100 + 30 * rng.exponential(1.0, (256, 256))).astype(np.uint16),
+    }
+    if real:
+        nih = Path(root) / "nuclei_nih3t3"
+        for path in sorted((nih / "labels").glob("*.png")):
+            if int(path.stem) in BACKGROUND_TEST_IMAGES:
+                continue
+            from biosam.io import read_image
+
+            labels = np.asarray(read_image(path)[0]) > 0
+            free = ndimage.uniform_filter(labels.astype(np.float32), 256)[128:-128, 128:-128] == 0
+            spots = np.argwhere(free)
+            if len(spots):
+                y, x = spots[len(spots) // 2]
+                image = np.asarray(read_image(nih / "images" / f"dna-{path.stem}.png")[0])
+                images[f"nih3t3_{path.stem}"] = image[y : y + 256, x : x + 256]
+    out = []
+    for name, image in images.items():
+        pair = (Path(scratch) / "images" / f"{name}.tif", Path(scratch) / "labels" / f"{name}.tif")
+        if not all(p.is_file() for p in pair):
+            for path, data in zip(pair, (image, np.zeros(image.shape[:2], np.uint8))):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tifffile.imwrite(path, data)
+        out.append(pair)
+    return out

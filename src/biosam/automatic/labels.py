@@ -10,3 +10,17 @@ def relabel(labels: np.ndarray) -> np.ndarray:
     """Contiguous ids 1..N in the smallest unsigned type (uint16 below 65536 objects, else uint32)."""
     out = relabel_sequential(labels)[0]
     return out.astype(np.uint16 if out.max(initial=0) < 65536 else np.uint32, copy=False)
+
+
+def object_diameters(labels: np.ndarray, skip_border: bool = False) -> np.ndarray:
+    """Equivalent diameters (pixels: the diameter of a disc of the same area) of the objects in ``labels``.
+
+    With ``skip_border``, objects touching the image border (whose size is cut off) are left out.
+    """
+    labels = np.asarray(labels)
+    sizes = np.bincount(labels.ravel())
+    keep = sizes > 0
+    keep[0] = False
+    if skip_border:
+        keep[np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))] = False
+    return 2.0 * np.sqrt(sizes[keep] / np.pi)

@@ -22,7 +22,7 @@ from biosam.automatic.decoder import InstanceDecoder
 from biosam.automatic.instances import maps_to_instances
 from biosam.automatic.labels import relabel
 from biosam.automatic.resample import resize_image, resize_labels, resize_maps, scaled_shape
-from biosam.automatic.tiling import merge_instance_tiles, stitch_maps
+from biosam.automatic.tiling import check_tiles, merge_instance_tiles, stitch_maps
 from biosam.errors import InputError
 from biosam.prompting.intensity import normalize_intensity
 
@@ -48,6 +48,8 @@ class AutoSettings:
     come back at the original size; ``object_size`` (``ais``) sets it from the
     typical object diameter in pixels instead, as ``decoder object size /
     object_size``, where the decoder records the diameter it segments best.
+    With neither (``ais``), the object size is estimated from the image
+    (:func:`biosam.automatic.size.estimate_object_size`).
     """
 
     mode: str = "ais"
@@ -77,7 +79,10 @@ def to_uint8(image: np.ndarray, intensity: str = "auto") -> np.ndarray:
 
 
 def working_scale(settings: AutoSettings, decoder: InstanceDecoder | None = None) -> float:
-    """The resize factor ``settings`` ask for (1.0 when neither ``scale`` nor ``object_size`` is set)."""
+    """The resize factor ``settings`` ask for (1.0 when neither ``scale`` nor ``object_size`` is set).
+
+    Checks the settings, so a bad value is refused before any work.
+    """
     if settings.scale is not None and settings.object_size is not None:
         raise InputError("give either scale or object_size, not both.")
     if settings.object_size is not None:
@@ -96,6 +101,29 @@ def working_scale(settings: AutoSettings, decoder: InstanceDecoder | None = None
     return scale
 
 
+def estimated_scale(predictor, decoder: InstanceDecoder, pixels: np.ndarray, info: dict | None = None) -> float:
+    """The resize factor that gives the objects of ``pixels`` the decoder's size, from an estimate of their size.
+
+    1.0 when the decoder does not record its object size or no objects are seen.
+    ``info`` (a dict) receives ``object_size`` (the estimate, pixels or None) and ``scale``.
+    """
+    from biosam.automatic.size import estimate_object_size
+
+    preferred = (decoder.info or {}).get("object_size")
+    scale, diameter = 1.0, None
+    if preferred:
+        tile = int((decoder.info or {}).get("tile") or predictor.input_size)
+        estimate = estimate_object_size(lambda t: predict_maps(predictor, decoder, t, intensity="none"), pixels,
+                                        tile, float(preferred), decoder_postprocessing(decoder))
+        diameter = estimate.diameter
+        if diameter:
+            scale = float(np.clip(float(preferred) / diameter, MIN_SCALE, MAX_SCALE))
+        logger.info("estimated object size: %s px (%d objects), scale %.3g", diameter, estimate.objects, scale)
+    if info is not None:
+        info.update(object_size=diameter, scale=scale)
+    return scale
+
+
 def resolve_decoder(predictor, decoder: InstanceDecoder | str | None) -> InstanceDecoder:
     """A loaded decoder for ``predictor``'s model: the given one, a checkpoint path, or the shipped one."""
     if isinstance(decoder, InstanceDecoder):
@@ -104,29 +132,38 @@ def resolve_decoder(predictor, decoder: InstanceDecoder | str | None) -> Instanc
 
 
 def segment_automatic(predictor, image: np.ndarray, settings: AutoSettings | None = None,
-                      progress: bool = False) -> np.ndarray:
+                      progress: bool = False, info: dict | None = None) -> np.ndarray:
     """Instance labels ``(H, W)`` (contiguous ids, uint16 or uint32) of a 2D image of any size.
 
     ``predictor`` is a :class:`biosam.Predictor`; its current image is replaced.
-    An empty or constant image gives an all-zero label image.
+    An empty or constant image gives an all-zero label image. ``info`` (a dict)
+    receives the ``scale`` used and, when it was estimated, the ``object_size``.
     """
     settings = settings or AutoSettings()
     if settings.mode not in MODES:
         raise InputError(f"unknown mode '{settings.mode}'; choose 'ais' (trained decoder) or 'amg' (grid of points).")
     image = np.asarray(image)
+    decoder = resolve_decoder(predictor, settings.decoder) if settings.mode == "ais" else None
+    scale = working_scale(settings, decoder)
+    if settings.tile is not None:
+        tile = settings.tile
+    elif decoder is not None:
+        tile = int((decoder.info or {}).get("tile") or predictor.input_size)
+    else:
+        tile = max(AMG_TILE, predictor.input_size)
+    halo = tile // 8 if settings.halo is None else settings.halo
+    check_tiles(tile, halo)
     if image.size == 0 or image.min() == image.max():
         return np.zeros(image.shape[:2], dtype=np.uint16)
     pixels = to_uint8(image, settings.intensity)
-    decoder = resolve_decoder(predictor, settings.decoder) if settings.mode == "ais" else None
-    scale = working_scale(settings, decoder)
+    if decoder is not None and settings.scale is None and settings.object_size is None:
+        scale = estimated_scale(predictor, decoder, pixels, info)
+    elif info is not None:
+        info.update(scale=scale)
     shape = pixels.shape[:2]
     if scale != 1.0:
         pixels = resize_image(pixels, scaled_shape(shape, scale))
     if decoder is not None:
-        tile = settings.tile
-        if tile is None:
-            tile = int((decoder.info or {}).get("tile") or predictor.input_size)
-        halo = tile // 8 if settings.halo is None else settings.halo
         maps = stitch_maps(pixels, lambda t: predict_maps(predictor, decoder, t, intensity="none"), tile, halo,
                            channels=3, progress=progress)
         params = decoder_postprocessing(decoder)
@@ -135,8 +172,6 @@ def segment_automatic(predictor, image: np.ndarray, settings: AutoSettings | Non
             maps = resize_maps(maps, shape)
             params = params.replace(smoothing=params.smoothing / scale, min_size=round(params.min_size / scale**2))
         return maps_to_instances(maps, params)
-    tile = settings.tile if settings.tile is not None else max(AMG_TILE, predictor.input_size)
-    halo = tile // 8 if settings.halo is None else settings.halo
     amg = settings.amg or amg_settings_for(predictor.model)
     labels = merge_instance_tiles(
         pixels, lambda t: automatic_mask_generation(predictor, t, amg, intensity="none"), tile, halo,

@@ -22,7 +22,8 @@ from biosam.cli.common import check_image_fits, check_overlay, input_options, wr
 @click.option("--tile", type=click.IntRange(min=32), default=None, help="Tile size in pixels (default: the decoder's training tile for ais, 1024 for amg).")
 @click.option("--halo", type=click.IntRange(min=0), default=None, help="Overlap on each side of a tile in pixels (default: tile / 8).")
 @click.option("--object-size", type=float, default=None,
-              help="ais: typical object diameter in pixels; the image is resized so objects have the size the decoder segments best.")
+              help="ais: typical object diameter in pixels; the image is resized so objects have the size the decoder "
+                   "segments best [default: estimated from the image, reported in --json].")
 @click.option("--scale", type=float, default=None,
               help="Resize the image by this factor before segmenting (labels come back at the original size).")
 @click.option("--points-per-side", type=click.IntRange(min=1), default=None, help="amg: grid points along each side of a tile (default 32).")
@@ -102,7 +103,7 @@ def auto(image, output, mode, decoder, tile, halo, object_size, scale, points_pe
     start = time.perf_counter()
     volume = "Z" in meta.axes and depth > 1
     labels_meta = meta.labels_meta()
-    results, picture, offset = [], None, 0
+    results, picture, offset, estimated = [], None, 0, None
     warnings: list[str] = []  # also logged to stderr as they arise
     linker = SliceLinker(link_iou) if volume and link_iou > 0 and len(planes) > 1 else None
     big = labels_meta.shape[-1] * labels_meta.shape[-2] > 64 * 65535  # could hold more than 65535 objects
@@ -112,7 +113,10 @@ def auto(image, output, mode, decoder, tile, halo, object_size, scale, points_pe
             key = zz if "Z" in meta.axes else None
             plane = read_plane(data, meta, key, t, channel)
             warnings += filter(None, [check_contrast(plane, f"{image}{'' if key is None else f' (slice z={key})'}")])
-            labels = segment_automatic(predictor, plane, settings, progress=True)
+            sizing: dict = {}
+            labels = segment_automatic(predictor, plane, settings, progress=True, info=sizing)
+            if sizing.get("object_size") and settings.scale is None and settings.object_size is None:
+                settings.scale, estimated = sizing["scale"], sizing["object_size"]  # one scale for every slice
             if judge is not None:
                 found = int(labels.max())
                 labels, kept = classify_labels(judge, predictor.model, to_uint8(plane, intensity), labels, keep)
@@ -129,7 +133,8 @@ def auto(image, output, mode, decoder, tile, halo, object_size, scale, points_pe
             if labels.max() > np.iinfo(out.dtype).max:
                 raise click.ClickException(f"{image}: {int(labels.max())} objects do not fit a {out.dtype} label image.")
             out[plane_index(labels_meta, key, t)] = labels.astype(out.dtype)
-            results.append({"z": key, "objects": count})
+            results.append({"z": key, "objects": count, "scale": sizing.get("scale", applied),
+                            "object_size": sizing.get("object_size", estimated or object_size)})
             if overlay is not None and picture is None and (count or zz == planes[-1]):
                 pixels = to_uint8(plane, intensity)
                 picture = render_overlay(np.dstack([pixels] * 3) if pixels.ndim == 2 else pixels, labels)
@@ -138,10 +143,13 @@ def auto(image, output, mode, decoder, tile, halo, object_size, scale, points_pe
     if as_json:
         report = {"image": str(image), "input": meta.summary(), "model": predictor.info.name, "mode": mode,
                   "decoder": (settings.decoder.info or {}).get("source") if mode == "ais" else None,
-                  "intensity": resolve_preset(intensity, np.dtype(meta.dtype)), "scale": applied, "output": str(output), "overlay": str(overlay) if overlay else None,
+                  "intensity": resolve_preset(intensity, np.dtype(meta.dtype)), "output": str(output),
+                  "overlay": str(overlay) if overlay else None,
                   "objects": sum(r["objects"] for r in results),
                   "classifier": str(classifier) if classifier else None, "rejected_by_classifier": rejected,
                   "seconds": round(time.perf_counter() - start, 2), "warnings": warnings}
         if volume:
             report["slices"] = results
+        else:  # the object size is estimated per image when --object-size and --scale are not given
+            report |= {"scale": results[0]["scale"], "object_size": results[0]["object_size"]}
         click.echo(json.dumps(report, indent=2))

@@ -42,6 +42,11 @@ def _floats(text: str, what: str) -> tuple[float, ...]:
               help="Image scales to cut training tiles at (0.5 = half size, for objects smaller than in the images).")
 @click.option("--crops-per-image", default="8", show_default=True, metavar="N1,N2,...",
               help="Random tiles per image at each scale (one number for all scales, or one per scale).")
+@click.option("--object-size", default=None, type=click.FloatRange(min=4),
+              help="Resize every image so its median object is this many pixels across (then --scales vary it); "
+                   "`biosam auto` then estimates each image's object size and resizes it to match.")
+@click.option("--augment", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+              help="Fraction of tiles re-exposed before normalisation (gamma, offset, blur, noise, dim 8-bit or 16-bit).")
 @click.option("--variants", default=1, show_default=True, type=click.IntRange(1, 8),
               help="Rotated/flipped copies of each tile (each is embedded once and cached).")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
@@ -55,7 +60,7 @@ def _floats(text: str, what: str) -> tuple[float, ...]:
 @click.option("--device", default=None, help="cpu or cuda [default: cuda when available].")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def decoder(images, labels, output, model, val_fraction, epochs, patience, tile, halo, scales, crops_per_image,
-            variants, batch_size, lr, seed, intensity, cache_dir, resume, device, as_json) -> None:
+            object_size, augment, variants, batch_size, lr, seed, intensity, cache_dir, resume, device, as_json) -> None:
     """Train an instance decoder (foreground and distance maps) on labelled images.
 
     Images in --images and label images in --labels are paired by file name
@@ -85,7 +90,7 @@ def decoder(images, labels, output, model, val_fraction, epochs, patience, tile,
     train_pairs = [pairs[i] for i in sorted(order[n_val:])]
     settings = TrainSettings(epochs=epochs, patience=patience, tile=tile, halo=halo, scales=scale_list,
                              crops_per_image=crops, variants=variants, batch_size=batch_size, lr=lr, seed=seed,
-                             intensity=intensity)
+                             intensity=intensity, object_size=object_size, augment=augment)
     result = train_decoder(load_model(model, device=device), train_pairs, val_pairs, output, settings,
                            cache_dir=cache_dir, resume=resume)
     summary = {"output": str(result.output), "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,

@@ -2,9 +2,11 @@
 
 Presets (``intensity=``):
 
-- ``auto``: ``uint8`` images as they are, everything else ``percentile``.
-- ``percentile``: clip to the 1st and 99.8th percentile, scale to 0-255 (one
-  pair of percentiles for all colour channels, so colours keep their balance).
+- ``auto``: ``percentile`` for every pixel type, 8-bit included: a dim 8-bit
+  image (values 0-40 of 255) and its 16-bit twin reach the model alike.
+- ``percentile``: clip to the 1st and 99.8th percentile of the image, scale to
+  0-255. Each channel of a multichannel (fluorescence) image gets its own pair;
+  RGB keeps one pair for its three channels, so colours keep their balance.
 - ``minmax``: the image's minimum to 0, maximum to 255.
 - ``none``: values used as they are (clipped to 0-255): for data already on that scale.
 - CT windows on Hounsfield units (level / width): ``ct-soft-tissue`` 40/400,
@@ -41,7 +43,7 @@ def resolve_preset(intensity: str, dtype: np.dtype) -> str:
     if intensity not in INTENSITY_PRESETS:
         raise InputError(f"unknown intensity preset '{intensity}'; choose one of {', '.join(INTENSITY_PRESETS)}.")
     if intensity == "auto":
-        return "none" if np.dtype(dtype) in (np.uint8, np.bool_) else "percentile"
+        return "none" if np.dtype(dtype) == np.bool_ else "percentile"
     return intensity
 
 

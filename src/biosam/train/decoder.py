@@ -31,11 +31,13 @@ from biosam.automatic.ais import encoder_info, maps_from_embedding, save_decoder
 from biosam.automatic.data import dihedral, distance_targets, read_pair
 from biosam.automatic.decoder import InstanceDecoder, config_for, count_parameters
 from biosam.automatic.instances import PostProcessing, maps_to_instances
+from biosam.automatic.labels import object_diameters
 from biosam.automatic.resample import resize_image, resize_labels, resize_maps, scaled_shape
-from biosam.automatic.tiling import Tile, tile_grid
+from biosam.automatic.tiling import MapStitcher, Tile, tile_grid
 from biosam.errors import InputError
 from biosam.evaluate import aggregate, instance_counts
 from biosam.prompting.intensity import normalize_intensity, resolve_preset
+from biosam.train.augment import augment_intensity
 from biosam.prompting.store import image_hash
 from biosam.prompting.preprocess import Frame, model_input
 
@@ -68,6 +70,13 @@ class TrainSettings:
     flips that window with its targets (teaching the decoder's filters the
     symmetry), ``feature_dropout`` drops whole embedding channels.
     ``steps_per_epoch`` defaults to one pass over the tiles.
+
+    ``object_size`` (pixels) first resizes every image so that its median
+    object diameter becomes this size; ``scales`` then vary it (scale
+    augmentation), and at inference the image is resized to the same object
+    size. ``augment`` is the fraction of crops whose raw pixels are re-exposed
+    (gamma, offset, blur, noise, dim 8-bit or 16-bit storage; see
+    :func:`biosam.train.augment.augment_intensity`) before normalisation.
     """
 
     epochs: int = 30
@@ -88,6 +97,8 @@ class TrainSettings:
     feature_flips: bool = True
     feature_dropout: float = 0.1
     tune: bool = True
+    object_size: float | None = None
+    augment: float = 0.0
 
     def __post_init__(self) -> None:
         crops = self.crops_per_image
@@ -100,7 +111,9 @@ class TrainSettings:
             (self.tile is None or self.tile >= 32, "tile must be at least 32 px"),
             (self.halo >= 0, "halo cannot be negative"),
             (len(crops) == len(self.scales), "give one crops_per_image count per scale"),
-            (all(0 < s <= 1 for s in self.scales), "scales must lie in (0, 1]"),
+            (all(0 < s <= 4 for s in self.scales), "scales must lie in (0, 4]"),
+            (self.object_size is None or self.object_size >= 4, "object_size must be at least 4 px"),
+            (0 <= self.augment <= 1, "augment must lie in [0, 1]"),
             (all(c >= 0 for c in crops) and sum(crops) > 0, "crops_per_image must be >= 0 and not all 0"),
             (1 <= self.variants <= 8, "variants must be between 1 and 8 (the rotations and flips of a square)"),
             (self.window >= 4, "window must be at least 4 embedding pixels"),
@@ -196,20 +209,28 @@ class _ValImage:
     labels: np.ndarray
     tiles: list[tuple[Tile, torch.Tensor, Frame]]
     shape: tuple[int, int]  # of the (possibly resized) image the tiles were cut from
+    halo: int
 
 
 def _training_samples(model, pairs, settings: TrainSettings, tile: int, cache: EmbeddingCache, progress: bool):
     size = model.image_size
     samples, diameters = [], []
     bar = tqdm(pairs, desc="embedding training tiles", unit="image", disable=not progress)
-    for index, (image_path, label_path) in enumerate(bar):
+    seen: dict[int, int] = {}
+    for image_path, label_path in bar:
+        # Random crops depend on the image and how often it was listed before, not on its place in the
+        # list, so runs on overlapping image lists, wherever the files lie, share crops (and cached embeddings).
         image, labels = read_pair(image_path, label_path)
-        diameters.extend(2.0 * np.sqrt(np.bincount(labels.ravel())[1:] / np.pi))
+        identity = int(image_hash(np.ascontiguousarray(image))[:16], 16)
+        repeat = seen[identity] = seen.get(identity, -1) + 1
+        base = size_scale(labels, settings.object_size)
+        diameters.extend(base * object_diameters(labels))
         rgb = normalize_intensity(image, settings.intensity)
+        grey = bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
         for level, (scale, count) in enumerate(zip(settings.scales, settings.crops_per_image)):
             # One random stream per image and scale: asking for more crops keeps (and reuses) the earlier ones.
-            rng = np.random.default_rng([settings.seed, index, level])
-            rgb_s = resize_image(rgb, scaled_shape(rgb.shape, scale))
+            rng = np.random.default_rng([settings.seed, identity, repeat, level])
+            rgb_s = resize_image(rgb, scaled_shape(rgb.shape, base * scale))
             labels_s = resize_labels(labels, rgb_s.shape[:2])
             if min(labels_s.shape) < 16:
                 logger.info("%s: skipping scale %.2f (image too small)", image_path, scale)
@@ -220,9 +241,14 @@ def _training_samples(model, pairs, settings: TrainSettings, tile: int, cache: E
                 y = int(rng.integers(0, max(height - tile, 0) + 1))
                 x = int(rng.integers(0, max(width - tile, 0) + 1))
                 window = (slice(y, y + tile), slice(x, x + tile))
+                pixels = rgb_s
+                if settings.augment and rng.random() < settings.augment:
+                    # The whole image is re-exposed and normalised, as inference normalises whole images.
+                    raw = augment_intensity(rgb_s[..., 0] if grey else rgb_s, rng)
+                    pixels = normalize_intensity(raw, settings.intensity)
                 for k in rng.choice(8, size=settings.variants, replace=False):
                     k = int(k)
-                    rgb_v = dihedral(rgb_s[window].transpose(2, 0, 1), k).transpose(1, 2, 0)
+                    rgb_v = dihedral(pixels[window].transpose(2, 0, 1), k).transpose(1, 2, 0)
                     # A crop smaller than the tile (small image) is padded by the model's own
                     # preprocessing, bottom and right; the targets are padded the same way.
                     frame = Frame.create(rgb_v.shape[:2], size, model.info.preprocessing, extent=tile)
@@ -241,6 +267,12 @@ def _training_samples(model, pairs, settings: TrainSettings, tile: int, cache: E
     if not samples:
         raise InputError("no training tiles: the training images are empty or too small.")
     return samples, typical_object_size(diameters, settings)
+
+
+def size_scale(labels: np.ndarray, object_size: float | None) -> float:
+    """The resize factor that gives the median object of ``labels`` a diameter of ``object_size`` (1 if None)."""
+    diameters = object_diameters(labels)
+    return 1.0 if object_size is None or diameters.size == 0 else float(object_size / np.median(diameters))
 
 
 def typical_object_size(diameters, settings: TrainSettings) -> float:
@@ -263,24 +295,26 @@ def validation_images(
     cache: EmbeddingCache,
     progress: bool = False,
     scale: float = 1.0,
+    object_size: float | None = None,
 ) -> list[_ValImage]:
     """Labelled images cut into tiles with a halo, each tile embedded through ``cache``.
 
     With ``scale`` the images are resized first (2.0 makes objects twice as
-    big); :func:`evaluate_decoder` brings the maps back to the label size.
+    big), with ``object_size`` so that their median labelled object has that
+    diameter; :func:`evaluate_decoder` brings the maps back to the label size.
     """
     out = []
     bar = tqdm(pairs, desc="embedding validation tiles", unit="image", disable=not progress)
     for image_path, label_path in bar:
         image, labels = read_pair(image_path, label_path)
         rgb = normalize_intensity(image, intensity)
-        rgb = resize_image(rgb, scaled_shape(rgb.shape, scale))
+        rgb = resize_image(rgb, scaled_shape(rgb.shape, scale * size_scale(labels, object_size)))
         tiles = []
         for t in tile_grid(rgb.shape[:2], tile, halo):
             part = rgb[t.outer_slice]
             frame = Frame.create(part.shape[:2], model.image_size, model.info.preprocessing, extent=tile)
             tiles.append((t, cache(part, frame), frame))
-        out.append(_ValImage(Path(image_path).name, labels, tiles, rgb.shape[:2]))
+        out.append(_ValImage(Path(image_path).name, labels, tiles, rgb.shape[:2], halo))
         bar.set_postfix(embedded=cache.computed)
     return out
 
@@ -331,11 +365,10 @@ def _batch(samples: list[_Sample], indices, settings: TrainSettings, upscale: in
 
 @torch.inference_mode()
 def _image_maps(decoder: InstanceDecoder, item: _ValImage) -> np.ndarray:
-    maps = np.zeros((3, *item.shape), dtype=np.float32)
+    stitcher = MapStitcher(3, item.shape, item.halo)
     for t, embedding, frame in item.tiles:
-        out = maps_from_embedding(decoder, embedding[None].float(), frame)[0].cpu().numpy()
-        maps[(slice(None), *t.inner_slice)] = out[(slice(None), *t.inner_in_outer)]
-    return resize_maps(maps, item.labels.shape)
+        stitcher.add(t, maps_from_embedding(decoder, embedding[None].float(), frame)[0].cpu().numpy())
+    return resize_maps(stitcher.result(), item.labels.shape)
 
 
 def _scores(preds: list[np.ndarray], gts: list[np.ndarray]) -> tuple[dict, list[dict]]:
@@ -444,7 +477,8 @@ def train_decoder(
         logger.info("starting anew: replacing %s", state_path)
 
     samples, object_size = _training_samples(model, train_pairs, settings, tile, cache, progress)
-    val_items = validation_images(model, val_pairs, tile, settings.halo, settings.intensity, cache, progress)
+    val_items = validation_images(model, val_pairs, tile, settings.halo, settings.intensity, cache, progress,
+                                  object_size=settings.object_size)
     logger.info("%d training tiles, %d validation images (%d embeddings computed)", len(samples), len(val_items),
                 cache.computed)
 
