@@ -46,18 +46,11 @@ from biosam.automatic.run import AutoSettings, segment_automatic
 from biosam.evaluate import aggregate, instance_counts
 from biosam.evaluate.instances import MSA_THRESHOLDS
 from biosam.runtime import configure_cpu
+from biosam.train.augment import store_as
 from biosam.zoo.download import cache_dir
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 STORAGES = {"dim8": (np.uint8, 50), "bright8": (np.uint8, 255), "u16": (np.uint16, 4000)}
-
-
-def stored_as(image: np.ndarray, storage: str) -> np.ndarray:
-    """``image`` rescaled from its own min-max to ``0..peak`` of the storage's pixel type."""
-    dtype, peak = STORAGES[storage]
-    x = image.astype(np.float64)
-    x = (x - x.min()) / max(x.max() - x.min(), 1e-12)
-    return np.rint(x * peak).astype(dtype)
 
 
 def otsu_watershed(image: np.ndarray, object_size: float) -> np.ndarray:
@@ -105,7 +98,7 @@ def main() -> None:
         for storage, method in methods:
             counts, seconds, sizes = [], [], []
             for (image_path, _), (image, truth) in zip(pairs, truths):
-                pixels = stored_as(image, storage)
+                pixels = store_as(image, *STORAGES[storage])
                 start = time.perf_counter()
                 if method == "otsu":
                     pred = otsu_watershed(pixels, diameter)

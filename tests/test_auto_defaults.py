@@ -17,17 +17,13 @@ from biosam.automatic.run import AutoSettings, segment_automatic, working_scale
 from biosam.automatic.tiling import tile_grid
 from biosam.evaluate import evaluate_instances
 from biosam.prompting.intensity import normalize_intensity
+from biosam.train.augment import store_as
 
 from conftest import SHARED_DATA, shared_file
 
 
 def f1_at_half(pred, truth) -> float:
     return next(r["f1"] for r in evaluate_instances(pred, truth)["per_threshold"] if r["threshold"] == 0.5)
-
-
-def stored(image: np.ndarray, dtype, peak: int) -> np.ndarray:
-    x = image.astype(np.float64)
-    return np.rint((x - x.min()) / (x.max() - x.min()) * peak).astype(dtype)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +40,7 @@ def dsb(dsb_nuclei):
 def test_dim_8bit_and_16bit_twins_give_the_same_objects(predictor, dsb):
     """The same nuclei stored as dim 8-bit (brightest pixel 50) and as 16-bit: both normalised, same result."""
     image, truth = dsb
-    dim, deep = stored(image, np.uint8, 50), stored(image, np.uint16, 4000)
+    dim, deep = store_as(image, np.uint8, 50), store_as(image, np.uint16, 4000)
     a, b = normalize_intensity(dim)[..., 0], normalize_intensity(deep)[..., 0]
     assert np.abs(a - b).mean() < 3.0  # grey levels of 255 after normalisation: only 8-bit rounding differs
     labels = [segment_automatic(predictor, x) for x in (dim, deep)]

@@ -192,6 +192,18 @@ def light_microscopy_sets(root: str | os.PathLike, scratch: str | os.PathLike) -
     return sets
 
 
+def _write_pair(scratch: Path, name: str, image: np.ndarray, labels: np.ndarray) -> Pair:
+    """``scratch/images/NAME.tif`` and ``scratch/labels/NAME.tif``, written unless both exist already."""
+    import tifffile
+
+    pair = (scratch / "images" / f"{name}.tif", scratch / "labels" / f"{name}.tif")
+    if not all(p.is_file() for p in pair):
+        for path, data in zip(pair, (image, labels)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tifffile.imwrite(path, data)
+    return pair
+
+
 def _volume_slices(folder: Path, scratch: Path) -> list[Pair]:
     import tifffile
 
@@ -199,17 +211,8 @@ def _volume_slices(folder: Path, scratch: Path) -> list[Pair]:
     if not image_path.is_file():
         return [(image_path, label_path)]  # reported as missing by the caller
     volume, labels = tifffile.imread(image_path), tifffile.imread(label_path)
-    out = []
-    for z in range(0, volume.shape[0], 2):
-        if len(np.unique(labels[z])) - 1 < 3:
-            continue
-        pair = (scratch / "images" / f"z{z:02d}.tif", scratch / "labels" / f"z{z:02d}.tif")
-        if not all(p.is_file() for p in pair):
-            for path, data in zip(pair, (volume[z], labels[z])):
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tifffile.imwrite(path, data)
-        out.append(pair)
-    return out
+    return [_write_pair(scratch, f"z{z:02d}", volume[z], labels[z])
+            for z in range(0, volume.shape[0], 2) if len(np.unique(labels[z])) - 1 >= 3]
 
 
 def bbbc007_pairs(root: str | os.PathLike) -> list[Pair]:
@@ -229,7 +232,7 @@ def background_pairs(root: str | os.PathLike, scratch: str | os.PathLike, real: 
     with uneven illumination) and, with ``real``, one nucleus-free 256 px region
     of each NIH3T3 image that has one (except :data:`BACKGROUND_TEST_IMAGES`).
     """
-    import tifffile
+    from biosam.io import read_image
 
     rng = np.random.default_rng(2026)
     yy, xx = np.mgrid[:256, :256] / 256.0
@@ -247,8 +250,6 @@ def background_pairs(root: str | os.PathLike, scratch: str | os.PathLike, real: 
         for path in sorted((nih / "labels").glob("*.png")):
             if int(path.stem) in BACKGROUND_TEST_IMAGES:
                 continue
-            from biosam.io import read_image
-
             labels = np.asarray(read_image(path)[0]) > 0
             free = ndimage.uniform_filter(labels.astype(np.float32), 256)[128:-128, 128:-128] == 0
             spots = np.argwhere(free)
@@ -256,12 +257,5 @@ def background_pairs(root: str | os.PathLike, scratch: str | os.PathLike, real: 
                 y, x = spots[len(spots) // 2]
                 image = np.asarray(read_image(nih / "images" / f"dna-{path.stem}.png")[0])
                 images[f"nih3t3_{path.stem}"] = image[y : y + 256, x : x + 256]
-    out = []
-    for name, image in images.items():
-        pair = (Path(scratch) / "images" / f"{name}.tif", Path(scratch) / "labels" / f"{name}.tif")
-        if not all(p.is_file() for p in pair):
-            for path, data in zip(pair, (image, np.zeros(image.shape[:2], np.uint8))):
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tifffile.imwrite(path, data)
-        out.append(pair)
-    return out
+    return [_write_pair(Path(scratch), name, image, np.zeros(image.shape[:2], np.uint8))
+            for name, image in images.items()]

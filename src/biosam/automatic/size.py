@@ -46,15 +46,16 @@ class SizeEstimate:
 
 def probe_window(pixels: np.ndarray, side: int) -> tuple[slice, slice]:
     """A ``side`` x ``side`` window (clipped to the image) centred where the local contrast is highest."""
-    grey = pixels.astype(np.float32) if pixels.ndim == 2 else pixels.astype(np.float32).mean(axis=-1)
-    step = max(1, min(grey.shape) // 256)  # a coarse look is enough to place a window
-    small = grey[::step, ::step]
+    step = max(1, min(pixels.shape[:2]) // 256)  # a coarse look is enough to place a window
+    small = pixels[::step, ::step].astype(np.float32)
+    if small.ndim == 3:
+        small = small.mean(axis=-1)
     width = max(3, side // (2 * step))
     mean = ndimage.uniform_filter(small, width)
     variance = ndimage.uniform_filter(small * small, width) - mean * mean
     cy, cx = np.unravel_index(np.argmax(variance), variance.shape)
     out = []
-    for centre, length in zip((cy * step, cx * step), grey.shape):
+    for centre, length in zip((cy * step, cx * step), pixels.shape[:2]):
         start = int(np.clip(centre - side // 2, 0, max(0, length - side)))
         out.append(slice(start, min(length, start + side)))
     return tuple(out)

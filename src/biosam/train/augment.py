@@ -33,3 +33,11 @@ def augment_intensity(image: np.ndarray, rng: np.random.Generator) -> np.ndarray
     else:
         peak, dtype = np.exp(rng.uniform(np.log(200.0), np.log(65535.0))), np.uint16
     return np.rint(x * peak).astype(dtype)
+
+
+def store_as(image: np.ndarray, dtype: type, peak: float) -> np.ndarray:
+    """``image`` rescaled from its own min-max to ``0..peak`` and rounded to ``dtype``: the same picture
+    as another camera would have stored it (e.g. dim 8-bit with ``peak=50``, or 16-bit)."""
+    x = np.asarray(image, dtype=np.float64)
+    x = (x - x.min()) / max(float(x.max() - x.min()), 1e-12)
+    return np.rint(x * peak).astype(dtype)
