@@ -263,6 +263,6 @@ def test_decoder_refuses_another_encoder(tmp_path, lite_medsam):
     decoder = load_decoder()
     with pytest.raises(DecoderMismatchError):
         predict_maps(Predictor(other), decoder, np.zeros((64, 64), dtype=np.uint8))
-    with pytest.raises(InputError, match="no instance decoder ships for model 'vit_b'"):
+    with pytest.raises(InputError, match="no nuclei decoder ships for model 'vit_b'"):
         shipped_decoder_path("vit_b")
 

@@ -53,7 +53,7 @@ def store(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def result(tomo, lite_medsam, store) -> VesicleSegmentation:
     predictor = biosam.Predictor(lite_medsam, store=store)
-    return segment_vesicles(predictor, tomo.volume, VOXEL, VesicleSettings(), progress=False)
+    return segment_vesicles(predictor, tomo.volume, VOXEL, VesicleSettings(method="lumen"), progress=False)
 
 
 def _diameter_errors(result, tomo) -> tuple[float, np.ndarray]:
@@ -158,13 +158,13 @@ def test_trim_keeps_the_run_with_a_membrane():
 
 
 def test_slab_centres():
-    assert slab_centres(96, VesicleSettings()) == [48]
-    assert slab_centres(96, VesicleSettings(z=10)) == [10]
-    assert sorted(slab_centres(100, VesicleSettings(n_slabs=5))) == [10, 30, 50, 70, 90]
+    assert slab_centres(96, VesicleSettings(method="lumen")) == [48]
+    assert slab_centres(96, VesicleSettings(method="lumen", z=10)) == [10]
+    assert sorted(slab_centres(100, VesicleSettings(method="lumen", n_slabs=5))) == [10, 30, 50, 70, 90]
     with pytest.raises(InputError, match="outside the volume"):
-        slab_centres(96, VesicleSettings(z=96))
+        slab_centres(96, VesicleSettings(method="lumen", z=96))
     with pytest.raises(InputError, match="not both"):
-        VesicleSettings(z=3, n_slabs=2)
+        VesicleSettings(method="lumen", z=3, n_slabs=2)
 
 
 # --------------------------------------------------------------------------- command line
@@ -185,7 +185,8 @@ def copick_run(tmp_path_factory, tomo, result, store):
             tomo.volume, levels=1, dtype=np.float32)
     out = folder / "vesicles.mrc"
     out.write_bytes(b"an old result")  # replaced because of --overwrite
-    res = run("tomogram", f"copick://{config}?run=TS_SYN", "-o", out, "--embeddings", store, "--json", "--overwrite")
+    res = run("tomogram", f"copick://{config}?run=TS_SYN", "-o", out, "--method", "lumen", "--embeddings", store,
+              "--json", "--overwrite")
     assert res.exit_code == 0, res.output
     return config, out, json.loads(res.stdout)
 

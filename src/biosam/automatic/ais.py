@@ -29,21 +29,25 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "biosam-instance-decoder"
 CHECKPOINT_VERSION = 1
 #: Decoders shipped with biosam, by model name (files in ``biosam/automatic/weights``).
-SHIPPED_DECODERS = {"lite_medsam": "lite_medsam_nuclei_decoder.pt"}
+#: Decoders shipped in the package: ``{(model name, what it finds): file in weights/}``.
+SHIPPED_DECODERS = {("lite_medsam", "nuclei"): "lite_medsam_nuclei_decoder.pt",
+                    ("lite_medsam", "vesicles"): "lite_medsam_vesicle_decoder.pt"}
 
 
 class DecoderMismatchError(InputError):
     """An instance decoder used with a model whose image encoder it was not trained on."""
 
 
-def shipped_decoder_path(model_name: str = "lite_medsam") -> Path:
-    """Path of the decoder shipped for a zoo model; :class:`InputError` if there is none."""
-    if model_name not in SHIPPED_DECODERS:
+def shipped_decoder_path(model_name: str = "lite_medsam", kind: str = "nuclei") -> Path:
+    """Path of the decoder shipped for a zoo model that finds ``kind`` (``nuclei`` or ``vesicles``);
+    :class:`InputError` if there is none."""
+    if (model_name, kind) not in SHIPPED_DECODERS:
+        models = sorted({name for name, what in SHIPPED_DECODERS if what == kind})
         raise InputError(
-            f"no instance decoder ships for model '{model_name}' (only for {', '.join(SHIPPED_DECODERS)}); "
-            "train one with `biosam train decoder --model ...` and pass it with --decoder."
+            f"no {kind} decoder ships for model '{model_name}' (only for {', '.join(models)}); "
+            "train one (`biosam train decoder --model ...`) and pass it with --decoder."
         )
-    return Path(str(files("biosam.automatic") / "weights" / SHIPPED_DECODERS[model_name]))
+    return Path(str(files("biosam.automatic") / "weights" / SHIPPED_DECODERS[(model_name, kind)]))
 
 
 # ------------------------------------------------------------ checkpoints
@@ -91,16 +95,17 @@ def load_decoder(
     source: str | os.PathLike | None = None,
     model: torch.nn.Module | None = None,
     device: str | torch.device | None = None,
+    kind: str = "nuclei",
 ) -> InstanceDecoder:
     """Load an instance decoder: a biosam checkpoint, or a micro-sam ``*_decoder`` / full model file.
 
     ``source=None`` loads the decoder shipped for ``model`` (``lite_medsam`` by
-    default). With ``model`` given, a decoder trained on another image encoder
+    default) that finds ``kind`` (see :data:`SHIPPED_DECODERS`). With ``model`` given, a decoder trained on another image encoder
     is refused (:class:`DecoderMismatchError`). The decoder is returned in eval
     mode with its record in ``decoder.info``.
     """
     if source is None:
-        source = shipped_decoder_path(model.info.name if model is not None else "lite_medsam")
+        source = shipped_decoder_path(model.info.name if model is not None else "lite_medsam", kind)
     from biosam.models.checkpoint import read_plain_checkpoint
 
     path = Path(source)

@@ -131,6 +131,18 @@ def resolve_decoder(predictor, decoder: InstanceDecoder | str | None) -> Instanc
     return load_decoder(decoder, model=predictor.model)
 
 
+def decoder_maps(predictor, decoder: InstanceDecoder, pixels: np.ndarray, tile: int | None = None,
+                 halo: int | None = None, progress: bool = False) -> np.ndarray:
+    """The decoder's maps ``(3, H, W)`` of a normalised 8-bit image of any size, tiled and blended.
+
+    ``tile`` defaults to the decoder's training tile, ``halo`` to an eighth of it.
+    """
+    tile = tile or int((decoder.info or {}).get("tile") or predictor.input_size)
+    halo = tile // 8 if halo is None else halo
+    return stitch_maps(pixels, lambda t: predict_maps(predictor, decoder, t, intensity="none"), tile, halo,
+                       channels=3, progress=progress)
+
+
 def segment_automatic(predictor, image: np.ndarray, settings: AutoSettings | None = None,
                       progress: bool = False, info: dict | None = None) -> np.ndarray:
     """Instance labels ``(H, W)`` (contiguous ids, uint16 or uint32) of a 2D image of any size.
@@ -164,8 +176,7 @@ def segment_automatic(predictor, image: np.ndarray, settings: AutoSettings | Non
     if scale != 1.0:
         pixels = resize_image(pixels, scaled_shape(shape, scale))
     if decoder is not None:
-        maps = stitch_maps(pixels, lambda t: predict_maps(predictor, decoder, t, intensity="none"), tile, halo,
-                           channels=3, progress=progress)
+        maps = decoder_maps(predictor, decoder, pixels, tile, halo, progress)
         params = decoder_postprocessing(decoder)
         if scale != 1.0:
             # Objects are found at the original size, so the pixel-valued parameters follow the resize.

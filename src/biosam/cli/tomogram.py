@@ -17,12 +17,15 @@ import numpy as np
 from biosam.cli.common import input_options
 from biosam.errors import BiosamError, InputError
 from biosam.io.meta import unit_factor
+from biosam.tomogram.grid import POLARITY_CHOICES
+from biosam.tomogram.pipeline import CANDIDATE_METHODS
 
 logger = logging.getLogger(__name__)
 
 # The options behind VesicleSettings fields, for error messages.
 _OPTION_NAMES = {"min_diameter_nm": "--min-diameter", "max_diameter_nm": "--max-diameter",
-                 "slab_thickness": "--slab-thickness", "n_slabs": "--multi-slab", "z_step": "--z-step"}
+                 "slab_thickness": "--slab-thickness", "n_slabs": "--multi-slab", "z_step": "--z-step",
+                 "slab_step": "--slab-step"}
 
 
 def _base(output: str) -> Path:
@@ -154,12 +157,20 @@ def _remove(written: list[str]) -> None:
 @click.option("--multi-slab", type=click.IntRange(min=1), default=None, metavar="N",
               help="Look for vesicles on N slabs at evenly spaced depths (duplicates merged). One slab finds only "
                    "the vesicles crossing it; 5 found 95% of them in a 96-slice synthetic tomogram.")
-@click.option("--slab-thickness", type=int, default=11, show_default=True, help="Slices averaged into a slab.")
-@click.option("--method", type=click.Choice(["lumen", "hough", "amg"]), default=None,
-              help="2D candidates: lumen = regions enclosed by membrane (default), hough = circle transform, "
-                   "amg = SAM's automatic masks with a grid of boxes.")
+@click.option("--slab-thickness", type=int, default=11, show_default=True, help="Slices averaged into a slab (--method decoder: nm).")
+@click.option("--method", type=click.Choice(list(CANDIDATE_METHODS)), default=None,
+              help="decoder = a trained decoder finds vesicles on slabs through the whole tomogram and links them "
+                   "in 3D (default; with --z, --multi-slab or --classifier: lumen); or 2D candidates on one or more slabs, followed "
+                   "through z by SAM: lumen = regions enclosed by membrane, hough = circle transform, amg = SAM's "
+                   "automatic masks with a grid of boxes.")
+@click.option("--polarity", type=click.Choice(list(POLARITY_CHOICES)), default="auto", show_default=True,
+              help="Contrast: dark = dense material dark (as reconstructed), bright = inverted; auto detects it.")
+@click.option("--decoder", "vesicle_decoder", type=click.Path(path_type=Path), default=None,
+              help="Vesicle decoder checkpoint for --method decoder (default: the one shipped for the model).")
 @click.option("--min-diameter", type=float, default=None, help="Smallest vesicle diameter in nm (default 20).")
 @click.option("--max-diameter", type=float, default=None, help="Largest vesicle diameter in nm (default 150).")
+@click.option("--slab-step", type=int, default=None,
+              help="--method decoder: nm between the centres of successive slabs (default 4).")
 @click.option("--z-step", type=int, default=None,
               help="Propagate through every N-th slice of the z-smoothed volume (default 2; others take the nearest slice's masks).")
 @click.option("--voxel-size", type=float, default=None,
@@ -174,14 +185,19 @@ def _remove(written: list[str]) -> None:
 @click.option("--copick-user", default="biosam", show_default=True, help="copick input: user_id of the outputs.")
 @click.option("--copick-session", default="0", show_default=True, help="copick input: session_id of the outputs.")
 @input_options(only=("axes", "level", "model", "device", "precision", "embeddings", "as_json", "overwrite"))
-def tomogram(tomogram, output, csv_path, overlay, z, multi_slab, slab_thickness, method, min_diameter, max_diameter,
-             z_step, voxel_size, classifier, keep_classes, copick_object, copick_user, copick_session, axes, level, model, device,
+def tomogram(tomogram, output, csv_path, overlay, z, multi_slab, slab_thickness, method, polarity, vesicle_decoder,
+             min_diameter, max_diameter, slab_step, z_step, voxel_size, classifier, keep_classes, copick_object, copick_user, copick_session, axes, level, model, device,
              precision, embeddings, as_json, overwrite) -> None:
     """Find membrane-bound vesicles in TOMOGRAM, segment each in 3D and measure it.
 
-    A slab of --slab-thickness slices around the middle (or --z, or N slabs
-    with --multi-slab) is searched for vesicle cross-sections (dark rings
-    around a lumen); SAM follows each through z. Writes OUTPUT (vesicle ids
+    Default (--method decoder): the tomogram is resampled to 10 Å voxels and
+    made dense-dark (--polarity), a trained decoder finds vesicle
+    cross-sections on slabs every --slab-step nm through the whole volume, and
+    sections that overlap from slab to slab become one vesicle, completed over
+    the poles the missing wedge hides. Other methods: a slab of
+    --slab-thickness slices around the middle (or --z, or N slabs with
+    --multi-slab) is searched for vesicle cross-sections (dark rings around a
+    lumen); SAM follows each through z. Writes OUTPUT (vesicle ids
     1..N in the tomogram's geometry), a CSV of measurements (centroid in Å,
     volume in nm³, diameters and z-extent in nm, mean score) and an overlay
     PNG; for a copick run also picks at the centroids and a segmentation.
@@ -221,8 +237,12 @@ def tomogram(tomogram, output, csv_path, overlay, z, multi_slab, slab_thickness,
         check_output_path(overlay, (".png",), overwrite)
     targets = _copick_targets(meta, copick_object, copick_user, copick_session, output) if meta.format == "copick" else {}
     _check_copick({**targets, **({"segmentation": output} if is_copick_uri(output) else {})}, meta, overwrite)
+    if method is None and (classifier is not None or z is not None or multi_slab is not None):
+        method = "lumen"  # slab depths and the classifier belong to the slab-candidate methods
     options = {"slab_thickness": slab_thickness, "z": z, "n_slabs": multi_slab or 1, "method": method,
-               "min_diameter_nm": min_diameter, "max_diameter_nm": max_diameter, "z_step": z_step}
+               "polarity": polarity, "decoder": str(vesicle_decoder) if vesicle_decoder else None,
+               "min_diameter_nm": min_diameter, "max_diameter_nm": max_diameter, "z_step": z_step,
+               "slab_step": slab_step}
     try:
         settings = VesicleSettings(**{k: v for k, v in options.items() if v is not None})
     except InputError as exc:
@@ -275,7 +295,8 @@ def tomogram(tomogram, output, csv_path, overlay, z, multi_slab, slab_thickness,
         report = {"tomogram": str(tomogram), "input": meta.summary(), "voxel_size_A": list(spacing),
                   "model": predictor.info.name, "method": settings.method,
                   "classifier": str(classifier) if classifier else None, "slabs": result.slabs,
-                  "candidates": result.candidates, "vesicles": int(len(table["label"])), "output": str(output),
+                  "candidates": result.candidates, "polarity": result.polarity, "vesicles": int(len(table["label"])),
+                  "output": str(output),
                   "csv": str(csv_path), "overlay": str(overlay) if overlay else None,
                   "copick": targets or None, "seconds": round(time.perf_counter() - start, 2)}
         click.echo(json.dumps(report, indent=2))

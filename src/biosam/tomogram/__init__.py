@@ -2,7 +2,7 @@
 
 from biosam.tomogram.measure import fit_sphere, measure_vesicles, write_measurements
 from biosam.tomogram.pipeline import VesicleSegmentation, VesicleSettings, segment_vesicles
-from biosam.tomogram.synthetic import SyntheticTomogram, synthetic_tomogram
+from biosam.tomogram.synthetic import SyntheticTomogram, realistic_tomogram, synthetic_tomogram
 
 __all__ = [
     "SyntheticTomogram",
@@ -11,6 +11,7 @@ __all__ = [
     "fit_sphere",
     "measure_vesicles",
     "segment_vesicles",
+    "realistic_tomogram",
     "synthetic_tomogram",
     "write_measurements",
 ]

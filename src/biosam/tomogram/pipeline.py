@@ -81,7 +81,7 @@ __all__ = [
     "trim_objects",
 ]
 
-CANDIDATE_METHODS = ("lumen", "hough", "amg")
+CANDIDATE_METHODS = ("decoder", "lumen", "hough", "amg")
 # Percentiles the locally normalised images are clipped to before scaling to 0-255.
 _CLIP_PERCENTILES = (0.5, 99.5)
 
@@ -93,7 +93,16 @@ class VesicleSettings:
     Slabs: ``slab_thickness`` slices are averaged around slice ``z`` (default:
     the middle one), or around ``n_slabs`` evenly spaced depths.
 
-    Candidates: ``method`` is one of :data:`CANDIDATE_METHODS`; a ring
+    Contrast: ``polarity`` ``"dark"`` (dense material dark, as reconstructed),
+    ``"bright"``, or ``"auto"`` (detected: :func:`biosam.tomogram.grid.detect_polarity`).
+
+    Candidates: ``method`` is one of :data:`CANDIDATE_METHODS`. ``decoder``
+    (the default) finds vesicle cross-sections on slabs through the whole
+    tomogram, one every ``slab_step`` nm, with a trained instance decoder
+    (``decoder``: a checkpoint, None for the shipped one) and links them in 3D
+    (:mod:`biosam.tomogram.detect`); ``z``, ``n_slabs``, the score and
+    contrast thresholds, propagation and the classifier do not apply to it.
+    For the other methods, a ring
     detector hands at most ``max_candidates`` circles to SAM. A cross-section
     is kept when its SAM predicted IoU is at least ``min_score``, the
     membrane around it is at least ``min_contrast`` darker than what lies
@@ -118,7 +127,10 @@ class VesicleSettings:
     slab_thickness: int = 11
     z: int | None = None
     n_slabs: int = 1
-    method: str = "lumen"
+    method: str = "decoder"
+    polarity: str = "auto"
+    decoder: str | None = None
+    slab_step: int = 4
     min_diameter_nm: float = 20.0
     max_diameter_nm: float = 150.0
     min_score: float = 0.8
@@ -140,12 +152,19 @@ class VesicleSettings:
     def __post_init__(self) -> None:
         if self.method not in CANDIDATE_METHODS:
             raise InputError(f"method must be one of {', '.join(CANDIDATE_METHODS)}, got {self.method!r}.")
+        from biosam.tomogram.grid import POLARITY_CHOICES
+
+        if self.polarity not in POLARITY_CHOICES:
+            raise InputError(f"polarity must be one of {', '.join(POLARITY_CHOICES)}, got {self.polarity!r}.")
         if int(self.slab_thickness) != self.slab_thickness or self.slab_thickness < 1:
             raise InputError(f"slab_thickness must be a whole number of slices >= 1, got {self.slab_thickness!r}.")
         if int(self.n_slabs) != self.n_slabs or self.n_slabs < 1:
             raise InputError(f"n_slabs must be a whole number >= 1, got {self.n_slabs!r}.")
         if self.z is not None and self.n_slabs > 1:
             raise InputError("give either a depth z or several slabs (n_slabs > 1), not both.")
+        if self.method == "decoder" and (self.z is not None or self.n_slabs > 1):
+            raise InputError("the decoder method reads slabs through the whole tomogram; a depth z or several slabs "
+                             "(n_slabs > 1) apply to the lumen, hough and amg methods.")
         if not 0 < self.min_diameter_nm < self.max_diameter_nm:
             raise InputError(
                 f"need 0 < min_diameter_nm < max_diameter_nm, got {self.min_diameter_nm} and {self.max_diameter_nm}."
@@ -156,8 +175,9 @@ class VesicleSettings:
         for name in ("z_smoothing", "membrane_nm"):
             if not getattr(self, name) >= 0:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)!r}.")
-        if int(self.z_step) != self.z_step or self.z_step < 1:
-            raise InputError(f"z_step must be a whole number of slices >= 1, got {self.z_step!r}.")
+        for name in ("z_step", "slab_step"):
+            if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 1:
+                raise InputError(f"{name} must be a whole number >= 1, got {getattr(self, name)!r}.")
         if not self.background_nm > 0 or self.max_candidates < 1:
             raise InputError("background_nm must be > 0 and max_candidates >= 1.")
 
@@ -185,7 +205,8 @@ class VesicleSegmentation:
     ``(N, Z)`` SAM predicted IoU of each vesicle per slice, NaN where it is
     absent or was not scored (slices between propagated ones take the
     nearest one's score; pieces of a split object keep its scores). ``slabs``: the slab centre slices, ``slab``: the first (normalised,
-    uint8) slab image, ``candidates``: 2D candidates found on each slab.
+    uint8) slab image, ``candidates``: 2D candidates found on each slab, ``polarity``: the contrast the
+    tomogram had (given or detected).
     """
 
     labels: np.ndarray
@@ -193,6 +214,7 @@ class VesicleSegmentation:
     slabs: list[int]
     slab: np.ndarray
     candidates: list[int]
+    polarity: str = "dark"
 
 
 # --------------------------------------------------------------------------- images
@@ -808,10 +830,25 @@ def segment_vesicles(
     """
     settings = settings or VesicleSettings()
     volume = _check_volume(volume)
+    spacing_a = _spacing(voxel_size)
+    if settings.method == "decoder":
+        if classifier is not None:
+            raise InputError("the mask classifier sorts lumen, hough or amg candidates; choose one of those methods "
+                             "with a classifier.")
+        from biosam.tomogram.detect import find_vesicles
+
+        return find_vesicles(predictor, volume, spacing_a, settings, progress=progress)
+    polarity = settings.polarity
+    if polarity == "auto":
+        from biosam.tomogram.grid import detect_polarity
+
+        polarity, skew = detect_polarity(volume)
+        logger.info("contrast polarity: dense is %s (skew %.3f)", polarity, skew)
+    if polarity == "bright":
+        volume = np.negative(volume, dtype=np.float32)
     if classifier is not None:
         classifier.check(predictor.model, "tomogram")
         classifier.keep_ids(keep)
-    spacing_a = _spacing(voxel_size)
     spacing_nm = tuple(s / 10.0 for s in spacing_a)
     pixel_nm = math.sqrt(spacing_nm[1] * spacing_nm[2])
     window = settings.background_nm / pixel_nm
@@ -872,7 +909,7 @@ def segment_vesicles(
             # A piece keeps its parent's scores on the slices it occupies.
             z = np.arange(box[0].start, box[0].stop)
             scores[k, z] = all_scores[origin[k] - 1][nearest[z]]
-    return VesicleSegmentation(labels, scores, centres, np.rint(first_slab).astype(np.uint8), counts)
+    return VesicleSegmentation(labels, scores, centres, np.rint(first_slab).astype(np.uint8), counts, polarity)
 
 
 def _mask_box(mask: np.ndarray) -> np.ndarray:
