@@ -228,6 +228,8 @@ def find_vesicles(predictor, volume: np.ndarray, spacing_a: tuple[float, float, 
         objects, zs, depth, diameter_px=(settings.min_diameter_nm / nm, settings.max_diameter_nm / nm),
         min_solidity=settings.min_solidity, min_roundness=settings.min_roundness)
     labels, kept = relabel_volume(to_input_grid(labels, grid))
+    logger.info("%d slabs, %d sections, %d linked objects, %d vesicles", len(zs), sum(int(s.max(initial=0))
+                for s in sections), int(objects.max(initial=0)), len(kept))
     # Scores on the input's slices: each slab's confidence at the input slice nearest its centre.
     z_input = np.clip(np.rint((zs + 0.5) / grid.zoom[0] - 0.5).astype(int), 0, volume.shape[0] - 1)
     row_of = {int(o): r for r, o in enumerate(object_ids[kept - 1])}
