@@ -22,6 +22,7 @@ from scipy import ndimage as ndi
 from tqdm.auto import tqdm
 
 from biosam.tomogram.grid import WORKING_VOXEL_A
+from biosam.volume.link import overlap_iou
 
 logger = logging.getLogger(__name__)
 
@@ -80,17 +81,6 @@ def slab_instances(predictor, decoder, volume: np.ndarray, zs: np.ndarray, thick
     return out, confidence
 
 
-def _overlaps(a: np.ndarray, b: np.ndarray) -> list[tuple[float, int, int]]:
-    """``(IoU, id_a, id_b)`` of every pair of overlapping objects of two label images."""
-    both = (a > 0) & (b > 0)
-    if not both.any():
-        return []
-    pairs, inter = np.unique(np.stack([a[both], b[both]]), axis=1, return_counts=True)
-    area_a, area_b = np.bincount(a.ravel()), np.bincount(b.ravel())
-    iou = inter / (area_a[pairs[0]] + area_b[pairs[1]] - inter)
-    return [(float(v), int(i), int(j)) for v, i, j in zip(iou, pairs[0], pairs[1])]
-
-
 def link_sections(sections: np.ndarray, min_iou: float = LINK_IOU, reach: int = 2) -> np.ndarray:
     """Give the cross-sections of one object on successive slabs one id: ``(n_slabs, Y, X)`` object ids.
 
@@ -112,7 +102,8 @@ def link_sections(sections: np.ndarray, min_iou: float = LINK_IOU, reach: int = 
     linked_down = set()
     for d in range(1, reach + 1):
         for k in range(n - d):
-            for iou, i, j in sorted(_overlaps(sections[k], sections[k + d]), reverse=True):
+            la, lb, iou = overlap_iou(sections[k], sections[k + d])
+            for iou, i, j in sorted(zip(iou.tolist(), la.tolist(), lb.tolist()), reverse=True):
                 a, b = offsets[k] + i, offsets[k + d] + j
                 if iou < min_iou or a in linked_up or b in linked_down:
                     continue

@@ -59,16 +59,22 @@ def detect_polarity(volume: np.ndarray) -> tuple[str, float]:
     return ("bright" if skew > _BRIGHT_SKEW else "dark"), skew
 
 
+def resolve_polarity(volume: np.ndarray, polarity: str) -> tuple[str, float | None]:
+    """``polarity`` checked, and for ``"auto"`` detected (logged): ``("dark" | "bright", skew or None)``."""
+    if polarity not in POLARITY_CHOICES:
+        raise InputError(f"polarity must be one of {', '.join(POLARITY_CHOICES)}, got {polarity!r}.")
+    if polarity != "auto":
+        return polarity, None
+    polarity, skew = detect_polarity(volume)
+    logger.info("contrast polarity: dense is %s (skew %.3f)", polarity, skew)
+    return polarity, skew
+
+
 def working_volume(volume: np.ndarray, spacing_a: tuple[float, float, float], polarity: str = "auto",
                    working_a: float = WORKING_VOXEL_A) -> tuple[np.ndarray, WorkingGrid]:
     """``volume`` resampled (linear) to ``working_a`` Å voxels and made dense-is-dark, float32."""
-    if polarity not in POLARITY_CHOICES:
-        raise InputError(f"polarity must be one of {', '.join(POLARITY_CHOICES)}, got {polarity!r}.")
     volume = np.asarray(volume)
-    skew = None
-    if polarity == "auto":
-        polarity, skew = detect_polarity(volume)
-        logger.info("contrast polarity: dense is %s (skew %.3f)", polarity, skew)
+    polarity, skew = resolve_polarity(volume, polarity)
     zoom = tuple(float(s) / working_a for s in spacing_a)
     out = np.asarray(volume, np.float32)
     if any(abs(z - 1) > 1e-3 for z in zoom):

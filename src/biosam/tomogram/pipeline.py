@@ -838,12 +838,9 @@ def segment_vesicles(
         from biosam.tomogram.detect import find_vesicles
 
         return find_vesicles(predictor, volume, spacing_a, settings, progress=progress)
-    polarity = settings.polarity
-    if polarity == "auto":
-        from biosam.tomogram.grid import detect_polarity
+    from biosam.tomogram.grid import resolve_polarity
 
-        polarity, skew = detect_polarity(volume)
-        logger.info("contrast polarity: dense is %s (skew %.3f)", polarity, skew)
+    polarity, _ = resolve_polarity(volume, settings.polarity)
     if polarity == "bright":
         volume = np.negative(volume, dtype=np.float32)
     if classifier is not None:

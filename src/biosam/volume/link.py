@@ -7,10 +7,10 @@ from scipy.optimize import linear_sum_assignment
 
 from biosam.errors import InputError
 
-__all__ = ["SliceLinker", "link_slices"]
+__all__ = ["SliceLinker", "link_slices", "overlap_iou"]
 
 
-def _overlaps(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def overlap_iou(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Label pairs ``(la, lb)`` that overlap between two label slices and their IoU."""
     both = (a > 0) & (b > 0)
     pairs, inter = np.unique(np.stack([a[both], b[both]]), axis=1, return_counts=True)
@@ -44,7 +44,7 @@ class SliceLinker:
         current = current[current > 0]
         ids: dict[int, int] = {}
         if self._previous is not None and self._ids and current.size:
-            la, lb, iou = _overlaps(self._previous, labels)
+            la, lb, iou = overlap_iou(self._previous, labels)
             keep = iou >= self.min_iou
             la, lb, iou = la[keep], lb[keep], iou[keep]
             if iou.size:

@@ -21,13 +21,20 @@ must find.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
 
-from biosam.tomogram.synthetic.simple import LEAFLET_FWHM_NM, LEAFLET_SPACING_NM, _blob_radius, _unit_vectors
+from biosam.tomogram.synthetic.simple import (
+    LEAFLET_FWHM_NM,
+    LEAFLET_SPACING_NM,
+    _bilayer,
+    _blob_radius,
+    _leaflet_sigma,
+    _unit_vectors,
+)
+from biosam.tomogram.synthetic.simple import _box as _axes_box
 
 VESICLE_DIAMETER_NM = (30.0, 60.0)
 ENDOSOME_DIAMETER_NM = (80.0, 150.0)
@@ -88,12 +95,9 @@ class _Occupancy:
 
 
 def _box(center: np.ndarray, extent: float, shape: tuple[int, ...]):
-    lo = np.maximum(np.floor(center - extent).astype(int), 0)
-    hi = np.minimum(np.ceil(center + extent).astype(int) + 1, shape)
-    sl = tuple(slice(a, b) for a, b in zip(lo, hi))
-    grids = np.meshgrid(*[np.arange(a, b, dtype=np.float32) - np.float32(c) for a, b, c in zip(lo, hi, center)],
-                        indexing="ij")
-    return sl, np.stack(grids, axis=-1)  # offsets (..., 3) in voxels
+    """Slices of the box within ``extent`` voxels of ``center`` and the offsets ``(..., 3)`` from it."""
+    sl, dz, dy, dx = _axes_box(center, extent, shape)
+    return sl, np.stack(np.broadcast_arrays(dz, dy, dx), axis=-1)
 
 
 def _rotation(rng: np.random.Generator) -> np.ndarray:
@@ -103,11 +107,9 @@ def _rotation(rng: np.random.Generator) -> np.ndarray:
 
 def _shell(r: np.ndarray, radius: float, nm: float) -> np.ndarray:
     """Bilayer density at (scaled) radius ``r`` voxels for a compartment of outer radius ``radius`` voxels."""
-    sigma = math.sqrt((LEAFLET_FWHM_NM / 2.3548 / nm) ** 2 + 1 / 12)
     outer = radius - LEAFLET_FWHM_NM / 2 / nm
     inner = outer - LEAFLET_SPACING_NM / nm
-    k = np.float32(-0.5 / sigma**2)
-    rho = np.exp(k * (r - np.float32(outer)) ** 2) + np.exp(k * (r - np.float32(inner)) ** 2)
+    rho = _bilayer(r, outer, inner, _leaflet_sigma(nm))
     return rho + np.float32(LUMEN_DENSITY) * np.clip(np.float32(inner + 0.5) - r, 0, 1)
 
 
@@ -150,8 +152,7 @@ def render_scene(shape: tuple[int, int, int], nm: float, rng: np.random.Generato
         surface = x0 + amp * np.sin(2 * np.pi * y / period + phase)
         half = LEAFLET_SPACING_NM / 2 / nm
         d = np.abs(x - surface)
-        sigma = math.sqrt((LEAFLET_FWHM_NM / 2.3548 / nm) ** 2 + 1 / 12)
-        k = np.float32(-0.5 / sigma**2)
+        k = np.float32(-0.5 / _leaflet_sigma(nm) ** 2)
         density += np.broadcast_to(np.exp(k * (d - half) ** 2), shape)
         pm_limit = x0 + amp + (LEAFLET_SPACING_NM + LEAFLET_FWHM_NM) / nm
 
