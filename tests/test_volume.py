@@ -109,7 +109,7 @@ def propagated(nuclei_3d, lite_medsam):
 
 
 def test_box_on_the_middle_slice_segments_nuclei_in_3d(nuclei_3d, propagated):
-    """All 51 nuclei at once, one box each: mean 3D Dice measured 0.50 (benchmarks/volume_quality.py)."""
+    """All 51 nuclei at once, one box each on the middle slice (benchmarks/volume_quality.py prompts the largest)."""
     _, truth = nuclei_3d
     ids, prompts, result = propagated
     dice = []
@@ -125,6 +125,63 @@ def test_box_on_the_middle_slice_segments_nuclei_in_3d(nuclei_3d, propagated):
         assert result.z_range[k, 0] <= p.z <= result.z_range[k, 1]
         present = ~np.isnan(result.scores[k])
         assert present[p.z] and not present[: result.z_range[k, 0]].any() and not present[result.z_range[k, 1] + 1:].any()
+
+
+def _dice(truth: np.ndarray, ids: list[int], labels: np.ndarray) -> np.ndarray:
+    return np.array([2 * ((truth == i) & (labels == k + 1)).sum() / ((truth == i).sum() + (labels == k + 1).sum())
+                     for k, i in enumerate(ids)])
+
+
+def test_objects_stop_at_their_real_ends(nuclei_3d, propagated):
+    """The stop rules (chosen on benchmarks/volume_quality.py's tuning objects) end nuclei where they end:
+    in the median within one slice of the true end, and most ends within one slice."""
+    _, truth = nuclei_3d
+    ids, _, result = propagated
+    off = []
+    for k, i in enumerate(ids):
+        present = np.flatnonzero((truth == i).any(axis=(1, 2)))
+        off += [result.z_range[k, 0] - present[0], result.z_range[k, 1] - present[-1]]
+    off = np.abs(np.array(off))
+    assert np.median(off) <= 1, np.median(off)
+    assert (off <= 1).mean() >= 0.55, (off <= 1).mean()
+
+
+def test_a_second_prompted_slice_never_does_worse(nuclei_3d, propagated, lite_medsam):
+    """Each nucleus also boxed two thirds of the way to its farther end (one object, two prompts): better on
+    average, present on every slice between its prompts, and no nucleus much worse (measured: the worst lost
+    0.13 Dice, to a neighbour now nearer a prompt of its own; 47 of 51 lost at most 0.05)."""
+    image, truth = nuclei_3d
+    ids, prompts, one = propagated
+    both = []
+    for k, (i, p) in enumerate(zip(ids, prompts)):
+        present = np.flatnonzero((truth == i).any(axis=(1, 2)))
+        far = present[0] if p.z - present[0] > present[-1] - p.z else present[-1]
+        z = int(present[np.abs(present - (p.z + (far - p.z) * 2 / 3)).argmin()])
+        ys, xs = np.nonzero(truth[z] == i)
+        both += [biosam.Prompt(box=p.box, z=p.z, object=k),
+                 biosam.Prompt(box=np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], float), z=z, object=k)]
+    two = segment_volume(biosam.Predictor(lite_medsam), image, both, progress=False)
+    d1, d2 = _dice(truth, ids, one.labels), _dice(truth, ids, two.labels)
+    assert d2.mean() >= d1.mean() + 0.02, (d1.mean(), d2.mean())
+    assert (d2 >= d1 - 0.15).all() and (d2 >= d1 - 0.05).mean() >= 0.9, np.sort(d2 - d1)[:5]
+    for k in range(len(ids)):
+        first, last = sorted(p.z for p in both[2 * k: 2 * k + 2])
+        assert not np.isnan(two.scores[k, first:last + 1]).any()  # never ends between its prompted slices
+
+
+def test_prompts_of_one_object_on_several_slices(tmp_path):
+    from biosam.volume.propagate import group_objects
+
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps([{"box": [1, 1, 9, 9], "z": 7, "object": 3}, {"box": [2, 2, 8, 8], "z": 4},
+                                {"box": [1, 1, 8, 8], "z": 2, "object": 3}]))
+    objects = group_objects(biosam.read_prompts(path))
+    assert [[p.z for p in obj] for obj in objects] == [[2, 7], [4]]  # first-named object first, slices in order
+    path.write_text(json.dumps([{"box": [1, 1, 9, 9], "z": 7, "object": "a"}]))
+    with pytest.raises(InputError, match="'object' must be an integer"):
+        biosam.read_prompts(path)
+    with pytest.raises(InputError, match="two prompts on one slice"):
+        group_objects([biosam.Prompt(box=np.ones(4), z=1, object=0), biosam.Prompt(box=np.ones(4), z=1, object=0)])
 
 
 def test_propagation_refuses_bad_input(nuclei_3d, lite_medsam):
@@ -143,6 +200,8 @@ def test_propagation_refuses_bad_input(nuclei_3d, lite_medsam):
         PropagationSettings(projection="lasso")
     with pytest.raises(InputError, match="collapse"):
         PropagationSettings(collapse=1.5)
+    with pytest.raises(InputError, match="max_shift"):
+        PropagationSettings(max_shift=0)
 
 
 # --------------------------------------------------------------------- CLI
@@ -194,6 +253,11 @@ def test_sam2_models_follow_objects_with_memory(nuclei_3d, tmp_path):
     out = np.zeros((6, 61, 57), dtype=np.uint16)
     result = segment_volume(predictor, image[:6], prompts, progress=False, out=out)
     assert result.labels is out and set(np.unique(out)) <= {0, 1, 2}
+    # one object prompted on two slices is one label, kept on every slice between them
+    twice = [biosam.Prompt(box=np.array([10.0, 10.0, 30.0, 30.0]), z=1, object=5), prompts[1],
+             biosam.Prompt(box=np.array([12.0, 12.0, 30.0, 30.0]), z=4, object=5)]
+    again = segment_volume(predictor, image[:6], twice, progress=False)
+    assert set(np.unique(again.labels)) <= {0, 1, 2} and again.z_range[0, 0] <= 1 and again.z_range[0, 1] >= 4
     for k, p in enumerate(prompts):
         assert result.z_range[k, 0] <= p.z <= result.z_range[k, 1]
         present = ~np.isnan(result.scores[k])

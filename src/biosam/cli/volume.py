@@ -9,7 +9,7 @@ import click
 import numpy as np
 
 from biosam.cli.common import check_image_fits, check_overlay, input_options, write_overlay
-from biosam.volume.propagate import PROJECTIONS
+from biosam.volume.propagate import PROJECTIONS, PropagationSettings
 
 
 class _Slices:
@@ -69,24 +69,29 @@ def _check_prompts(prompts, prompts_file: Path, image: str, depth: int) -> None:
 @click.option("-o", "--output", required=True, type=str,
               help="3D label volume to write (.tif, .ome.tif, .mrc, .nii.gz, .zarr, copick://), in IMAGE's geometry.")
 @click.option("--prompts", "prompts_file", required=True, type=click.Path(path_type=Path),
-              help='JSON list of objects, each on a slice: [{"box": [x0,y0,x1,y1], "points": [[x,y,label]], "z": 12}, ...].')
+              help='JSON list of objects, each on a slice: [{"box": [x0,y0,x1,y1], "points": [[x,y,label]], "z": 12}, ...]; '
+                   'entries with the same "object" (an integer) are one object prompted on several slices.')
 @click.option("--projection", type=click.Choice(PROJECTIONS), default="box", show_default=True,
               help="Prompt carried from slice to slice: the last mask's box, box and logits, an interior point, or logits.")
-@click.option("--min-score", type=float, default=0.5, show_default=True,
+@click.option("--min-score", type=float, default=PropagationSettings.min_score, show_default=True,
               help="An object ends where its predicted IoU falls below this.")
-@click.option("--min-overlap", type=float, default=0.5, show_default=True,
+@click.option("--min-overlap", type=float, default=PropagationSettings.min_overlap, show_default=True,
               help="An object ends where its mask overlaps the previous slice's by less than this IoU.")
+@click.option("--max-shift", type=float, default=PropagationSettings.max_shift, show_default=True,
+              help="An object ends where its mean intensity moves this many standard deviations from its prompted "
+                   "slice's (inf: never).")
 @click.option("--zoom", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="Segment small objects in a zoomed crop (auto), always, or never.")
 @input_options
-def volume(image, output, prompts_file, projection, min_score, min_overlap, zoom, intensity, t, channel, axes, level,
+def volume(image, output, prompts_file, projection, min_score, min_overlap, max_shift, zoom, intensity, t, channel, axes, level,
            series, model, device, precision, embeddings, overlay, as_json, overwrite, compression) -> None:
-    """Segment objects in 3D: each object is prompted on one slice and followed forward and backward.
+    """Segment objects in 3D: each object is prompted on one slice (or more) and followed forward and backward.
 
     IMAGE is a volume (TIFF stack, MRC, NIfTI, DICOM series, Zarr/OME-Zarr,
     copick://...). OUTPUT gets label k for the k-th object of --prompts; an
-    object ends where the model loses it (score, overlap, area) or where it runs
-    into an object nearer its own prompted slice.
+    object ends where the model loses it (score, overlap, area, intensity) or
+    where it runs into an object nearer its own prompted slice, never between
+    two of its prompted slices.
     """
     import time
 
@@ -96,7 +101,8 @@ def volume(image, output, prompts_file, projection, min_score, min_overlap, zoom
     from biosam.io.planes import plane_shape
     from biosam.prompting.prompts import check_prompts
     from biosam.prompting.intensity import check_contrast
-    from biosam.volume import PropagationSettings, segment_volume
+    from biosam.volume import segment_volume
+    from biosam.volume.propagate import group_objects
 
     start = time.perf_counter()
     prompts = read_prompts(prompts_file)
@@ -113,7 +119,9 @@ def volume(image, output, prompts_file, projection, min_score, min_overlap, zoom
     plane_index(meta, 0, t, channel)  # refuse a bad --t/--channel before the model loads
     prompts = check_prompts(prompts, plane_shape(meta), image)  # boxes over the edge are clipped
     check_image_fits(meta, model)
-    settings = PropagationSettings(projection=projection, min_score=min_score, min_overlap=min_overlap, zoom=zoom)
+    objects = group_objects(prompts)
+    settings = PropagationSettings(projection=projection, min_score=min_score, min_overlap=min_overlap,
+                                   max_shift=max_shift, zoom=zoom)
     predictor = Predictor(load_model(model, device=device, precision=precision), store=embeddings)
     slices = _Slices(data, meta, t, channel)
     # a blank prompted slice, and points alone for a box-trained model, give unreliable objects (logged as well)
@@ -121,9 +129,10 @@ def volume(image, output, prompts_file, projection, min_score, min_overlap, zoom
                 if (w := check_contrast(slices[z], f"{image} (slice z={z})"))]
     warnings += predictor.prompt_warnings(prompts)
     picture = None
-    voxels = np.zeros(len(prompts) + 1, dtype=np.int64)
+    n = len(objects)
+    voxels = np.zeros(n + 1, dtype=np.int64)
     # Labels go to the output slice by slice as they are found (streamed for MRC and Zarr), never held whole.
-    dtype = np.uint16 if len(prompts) < 65535 else np.uint32
+    dtype = np.uint16 if n < 65535 else np.uint32
     with open_labels(output, meta, dtype, overwrite=overwrite, compression=compression) as out:
         planes = _Planes(out, meta.labels_meta(), t)
         result = segment_volume(predictor, slices, prompts, settings, intensity=intensity, out=planes)
@@ -134,18 +143,18 @@ def volume(image, output, prompts_file, projection, min_score, min_overlap, zoom
             picture = render_overlay(np.dstack([pixels] * 3) if pixels.ndim == 2 else pixels, planes[z], shown)
         if as_json:
             for z in range(depth):
-                voxels += np.bincount(planes[z].ravel(), minlength=len(prompts) + 1)[: len(prompts) + 1]
+                voxels += np.bincount(planes[z].ravel(), minlength=n + 1)[: n + 1]
     if picture is not None:
         write_overlay(overlay, picture, output, overwrite)
     if as_json:
-        objects = []
-        for i in range(len(prompts)):
+        found_objects = []
+        for i, obj in enumerate(objects):
             first, last = (int(v) for v in result.z_range[i])
             found = first >= 0
-            objects.append({"label": i + 1, "prompt_z": int(prompts[i].z), "z_first": first if found else None,
+            found_objects.append({"label": i + 1, "prompt_z": [int(p.z) for p in obj], "z_first": first if found else None,
                             "z_last": last if found else None, "voxels": int(voxels[i + 1]),
                             "mean_score": round(float(np.nanmean(result.scores[i])), 4) if found else None})
         click.echo(json.dumps({"image": str(image), "input": meta.summary(), "model": predictor.info.name,
                                "projection": projection, "output": str(output),
                                "overlay": str(overlay) if overlay else None, "warnings": warnings,
-                               "objects": objects, "seconds": round(time.perf_counter() - start, 2)}, indent=2))
+                               "objects": found_objects, "seconds": round(time.perf_counter() - start, 2)}, indent=2))

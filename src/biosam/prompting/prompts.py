@@ -24,7 +24,8 @@ class Prompt:
     ``point_labels`` 1 (object) or 0 (background), all 1 when omitted; ``mask``
     is a ``(256, 256)`` low-resolution logit map as returned by a previous
     prediction. ``z`` is the slice the object is on, for volumes (the 2D
-    predictor ignores it).
+    predictor ignores it); ``object`` (volumes only) names the object when one
+    object is prompted on several slices: prompts sharing it are one object.
     """
 
     box: np.ndarray | None = None
@@ -32,6 +33,7 @@ class Prompt:
     point_labels: np.ndarray | None = None
     mask: np.ndarray | None = None
     z: int | None = None
+    object: int | None = None
 
     def validate(self, image_shape: tuple[int, int]) -> Prompt:
         """Return a checked copy with float arrays; raise :class:`InputError` for unusable prompts.
@@ -76,7 +78,7 @@ class Prompt:
             mask = mask.reshape(LOW_RES, LOW_RES)
         if box is None and points is None and mask is None:
             raise InputError("an object needs at least a box, a point or a mask prompt.")
-        return Prompt(box, points, labels, mask, self.z)
+        return Prompt(box, points, labels, mask, self.z, self.object)
 
     def extent(self) -> np.ndarray:
         """The object's extent ``(x0, y0, x1, y1)`` if known from a box, else NaNs."""
@@ -116,7 +118,8 @@ def read_prompts(path: str | os.PathLike) -> list[Prompt]:
     """Read ``[{"box": [x0, y0, x1, y1], "points": [[x, y, label], ...], "z": 12}, ...]`` from a JSON file.
 
     ``box`` or ``points`` may be omitted (not both); a point without a label is a
-    foreground point; ``z`` (a slice index, for volumes) is optional.
+    foreground point; ``z`` (a slice index, for volumes) is optional, and so is
+    ``object`` (an integer: entries sharing it are one object on several slices).
     """
     path = Path(path)
     try:
@@ -129,13 +132,16 @@ def read_prompts(path: str | os.PathLike) -> list[Prompt]:
         raise InputError(f"{path}: expected a non-empty JSON list of objects like {{\"box\": [x0, y0, x1, y1]}}.")
     prompts = []
     for i, obj in enumerate(data):
-        if not isinstance(obj, dict) or not ({"box", "points"} & obj.keys()) or (obj.keys() - {"box", "points", "z"}):
+        if not isinstance(obj, dict) or not ({"box", "points"} & obj.keys()) or (obj.keys() - {"box", "points", "z", "object"}):
             raise InputError(
-                f"{path}: object {i} must have a 'box' and/or 'points' key (and optionally 'z') and nothing else, got {obj!r}."
+                f"{path}: object {i} must have a 'box' and/or 'points' key (and optionally 'z' and 'object') and "
+                f"nothing else, got {obj!r}."
             )
-        z = obj.get("z")
+        z, name = obj.get("z"), obj.get("object")
         if z is not None and (isinstance(z, bool) or not isinstance(z, int) or z < 0):
             raise InputError(f"{path}: object {i}: 'z' must be a slice index (an integer >= 0), got {z!r}.")
+        if name is not None and (isinstance(name, bool) or not isinstance(name, int)):
+            raise InputError(f"{path}: object {i}: 'object' must be an integer naming the object, got {name!r}.")
         points = labels = None
         if "points" in obj:
             try:
@@ -146,5 +152,5 @@ def read_prompts(path: str | os.PathLike) -> list[Prompt]:
                     raise ValueError("points are [x, y] or [x, y, label]")
             except (TypeError, ValueError) as exc:
                 raise InputError(f"{path}: object {i}: points must be [[x, y, label], ...] ({exc}).") from exc
-        prompts.append(Prompt(box=obj.get("box"), points=points, point_labels=labels, z=z))
+        prompts.append(Prompt(box=obj.get("box"), points=points, point_labels=labels, z=z, object=name))
     return prompts

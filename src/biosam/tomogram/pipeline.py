@@ -146,8 +146,10 @@ class VesicleSettings:
     membrane_nm: float = 6.0
     sphere: bool = True
     background_nm: float = 150.0
-    # The box for the next slice: the mask's box grown by 15% of its side, so that it takes in the membrane.
-    propagation: PropagationSettings = field(default_factory=lambda: PropagationSettings(box_margin=0.15))
+    # The box for the next slice: the mask's box grown by 15% of its side, so that it takes in the membrane;
+    # the stop rules chosen for vesicles before the intensity rule existed.
+    propagation: PropagationSettings = field(
+        default_factory=lambda: PropagationSettings(box_margin=0.15, min_overlap=0.5, max_shift=float("inf")))
 
     def __post_init__(self) -> None:
         if self.method not in CANDIDATE_METHODS:

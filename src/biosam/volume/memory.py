@@ -1,11 +1,12 @@
 """SAM 2 volumes: objects followed through slices with the model's memory of earlier slices.
 
 The slices play the role of video frames. Each prompted slice conditions the
-object, propagation runs forward from the first prompted slice and backward
-from the last, and the tracker keeps only the memories SAM 2 can still attend
+object (an object may be prompted on several slices), propagation runs forward
+from the first prompted slice and backward from the last, and the tracker keeps only the memories SAM 2 can still attend
 to, so memory stays flat however many slices there are. An object ends where
 the model's object score says it is gone (probability below ``min_score``) or
-where it runs into an object nearer its own prompted slice.
+where it runs into an object nearer its own prompted slice; never between two
+prompted slices of the same object.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ logger = logging.getLogger(__name__)
 __all__ = ["track_objects"]
 
 
-def track_objects(predictor: Predictor, volume, prompts: list[Prompt], settings, normalize, labels, scores,
+def track_objects(predictor: Predictor, volume, objects: list[list[Prompt]], settings, normalize, labels, scores,
                   progress: bool) -> None:
-    """Fill ``labels`` (Z, Y, X) and ``scores`` (n, Z; object probability) for SAM 2 prompts (see segment_volume)."""
-    from biosam.volume.propagate import _claim, _write
+    """Fill ``labels`` (Z, Y, X) and ``scores`` (n, Z; object probability) for SAM 2 objects, each a list of
+    prompts on its slices (see segment_volume)."""
+    from biosam.volume.propagate import _claim, _Slices, _write
 
     model = predictor.model
     depth, height, width = labels.shape
@@ -42,16 +44,18 @@ def track_objects(predictor: Predictor, volume, prompts: list[Prompt], settings,
 
     tracker = Sam2Tracker(model)
     state = tracker.init_state(features, num_frames=depth)
-    for i, p in enumerate(prompts):
-        box = None if p.box is None else frame.to_model(p.box)
-        points = None if p.points is None else frame.to_model(p.points)
-        if p.mask is not None:
-            logger.warning("object %d: mask prompts are not used for volumes; its box/points are", i)
-        tracker.add_prompt(state, int(p.z), i, points=points, labels=p.point_labels, box=box)
-    first, last = min(int(p.z) for p in prompts), max(int(p.z) for p in prompts)
+    for i, obj in enumerate(objects):
+        for p in obj:
+            box = None if p.box is None else frame.to_model(p.box)
+            points = None if p.points is None else frame.to_model(p.points)
+            if p.mask is not None:
+                logger.warning("object %d: mask prompts are not used for volumes; its box/points are", i)
+            tracker.add_prompt(state, int(p.z), i, points=points, labels=p.point_labels, box=box)
+    slices = _Slices(objects)
+    first, last = min(int(zs.min()) for zs in slices.z), max(int(zs.max()) for zs in slices.z)
     for reverse in (False, True):
-        # the forward pass owns the prompted slices and what follows them, the backward pass what precedes
-        owns = (lambda i, z: z >= prompts[i].z) if not reverse else (lambda i, z: z < prompts[i].z)
+        # the forward pass owns each object's first prompted slice and what follows it, the backward pass what precedes
+        owns = (lambda i, z: z >= slices.z[i][0]) if not reverse else (lambda i, z: z < slices.z[i][0])
         passes = tracker.propagate(state, start_frame=last if reverse else first, reverse=reverse)
         for step in tqdm(passes, total=(last + 1) if reverse else depth - first, desc="backward" if reverse else "forward",
                          disable=not progress, leave=False):
@@ -61,11 +65,12 @@ def track_objects(predictor: Predictor, volume, prompts: list[Prompt], settings,
             masks = (logits[:, 0] > 0).cpu().numpy()
             probability = torch.sigmoid(step.object_score_logits[:, 0].float()).cpu().numpy()
             mine = [k for k, i in enumerate(step.object_ids) if owns(i, z)]
-            objects = [step.object_ids[k] for k in mine]
             drawn = {}
-            for j, own in _claim(z, objects, [masks[k] for k in mine], [probability[k] for k in mine], prompts):
-                i, k = objects[j], mine[j]
-                prompted = z == prompts[i].z
+            present = [step.object_ids[k] for k in mine]
+            near = [slices.distance(i, z) for i in present]
+            for j, own in _claim(present, [masks[k] for k in mine], [probability[k] for k in mine], near):
+                i, k = present[j], mine[j]
+                prompted = z in slices.z[i] or slices.between(i, z)
                 ended = probability[k] < settings.min_score or own.sum() < settings.min_area
                 if not prompted and not ended and own.sum() < settings.min_own * masks[k].sum():
                     ended = True  # ran into an object nearer its own prompted slice

@@ -6,8 +6,12 @@ into a prompt for the next (its box, an interior point, its logits, or box and
 logits), the way micro-sam and MedSAM's 3D inference work. Every slice is
 embedded once per sweep, for all objects on it together, and small objects get
 the predictor's zoomed crops. An object stops where it ends: the predicted IoU
-falls below a threshold, its area collapses or explodes, or the new mask no
-longer overlaps the previous one.
+falls below a threshold, its area collapses or explodes, the new mask no longer
+overlaps the previous one, or its mean intensity leaves what the object had on
+its prompted slice. The thresholds were chosen on labelled volumes
+(``benchmarks/volume_quality.py``). An object prompted on several slices (the
+same ``Prompt.object``) is segmented on every slice from its nearest prompted
+slice, and never ends between two of its prompted slices.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from biosam.prompting.prompts import Prompt
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PROJECTIONS", "PropagationSettings", "VolumeSegmentation", "segment_volume"]
+__all__ = ["PROJECTIONS", "PropagationSettings", "VolumeSegmentation", "group_objects", "segment_volume"]
 
 PROJECTIONS = ("box", "box+mask", "points", "mask")
 
@@ -43,9 +47,14 @@ class PropagationSettings:
     ``mask`` (its logits alone). An object stops when its predicted IoU is
     below ``min_score``, its area is below ``min_area`` pixels, below
     ``collapse`` or above ``growth`` times its area on the previous slice, or
-    its IoU with the previous slice's mask is below ``min_overlap``, or less than
-    ``min_own`` of its mask is left after objects nearer their prompted slice
-    took their pixels (objects never share pixels).
+    its IoU with the previous slice's mask is below ``min_overlap``, its mean
+    intensity differs from its mean on the prompted slice by more than
+    ``max_shift`` standard deviations (of its intensities there, plus one grey
+    level), or less than ``min_own`` of its mask is left after objects nearer
+    their prompted slice took their pixels (objects never share pixels).
+    Between two prompted slices of the same object none of these apply.
+    Defaults of ``min_score``, ``min_overlap`` and ``max_shift`` were chosen by a
+    grid search on the tuning objects of ``benchmarks/volume_quality.py``.
     ``zoom`` is the predictor's small-object zoom (``auto``, ``on``, ``off``).
     """
 
@@ -55,8 +64,9 @@ class PropagationSettings:
     min_area: int = 10
     collapse: float = 0.25
     growth: float = 4.0
-    min_overlap: float = 0.5
+    min_overlap: float = 0.3
     min_own: float = 0.5
+    max_shift: float = 1.5
     zoom: str = "auto"
 
     def __post_init__(self) -> None:
@@ -67,6 +77,8 @@ class PropagationSettings:
         for name in ("min_score", "min_overlap", "min_own"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise InputError(f"{name} must lie in [0, 1], got {getattr(self, name)}.")
+        if not self.max_shift > 0:
+            raise InputError(f"max_shift must be > 0 (standard deviations; inf turns the rule off), got {self.max_shift}.")
 
 
 @dataclass
@@ -91,6 +103,32 @@ class _Track:
     mask: np.ndarray
     logits: np.ndarray
     area: int
+    # the object's intensity on its prompted slice (mean, standard deviation + 1 grey level)
+    intensity: tuple[float, float]
+
+
+def group_objects(prompts: list[Prompt]) -> list[list[Prompt]]:
+    """The prompts of each object, by slice: prompts sharing ``object`` are one object, others one each.
+
+    Objects are ordered by their first prompt in ``prompts`` (object ``k`` gets label ``k + 1``).
+    """
+    objects: list[list[Prompt]] = []
+    named: dict[int, list[Prompt]] = {}
+    for p in prompts:
+        if p.object is None:
+            objects.append([p])
+        elif p.object in named:
+            named[p.object].append(p)
+        else:
+            named[p.object] = [p]
+            objects.append(named[p.object])
+    for obj in objects:
+        obj.sort(key=lambda p: -1 if p.z is None else int(p.z))
+        taken = [p.z for p in obj]
+        if len(set(taken)) < len(taken):
+            raise InputError(f"object {obj[0].object} has two prompts on one slice (z = {taken}); give each slice "
+                             "of an object at most one prompt (a box and points may share it).")
+    return objects
 
 
 def _check(volume, prompts: list[Prompt]) -> tuple[int, int, int]:
@@ -104,6 +142,7 @@ def _check(volume, prompts: list[Prompt]) -> tuple[int, int, int]:
     if not prompts:
         raise InputError("no objects to segment: give at least one prompt with a slice index \"z\".")
     for i, prompt in enumerate(prompts):
+        i = i if prompt.object is None else prompt.object
         if prompt.z is None:
             raise InputError(f"object {i} has no slice index \"z\"; every prompt of a volume must say which slice it is on.")
         if not 0 <= int(prompt.z) < depth:
@@ -131,7 +170,7 @@ def _projection(track: _Track, settings: PropagationSettings, z: int) -> Prompt:
     return Prompt(points=np.array([[x0 + x + 0.5, y0 + y + 0.5]]), point_labels=np.array([1]), z=z)
 
 
-def _stops(track: _Track, mask: np.ndarray, score: float, settings: PropagationSettings) -> str | None:
+def _stops(track: _Track, mask: np.ndarray, score: float, plane: np.ndarray, settings: PropagationSettings) -> str | None:
     area = int(mask.sum())
     if score < settings.min_score:
         return f"predicted IoU {score:.2f} < {settings.min_score}"
@@ -142,7 +181,15 @@ def _stops(track: _Track, mask: np.ndarray, score: float, settings: PropagationS
     inter = np.logical_and(mask, track.mask).sum()
     if inter / (area + track.area - inter) < settings.min_overlap:
         return "no overlap with the previous slice"
+    mean, spread = track.intensity
+    if area and abs(float(plane[mask].mean()) - mean) > settings.max_shift * spread:
+        return "intensity differs from the prompted slice's"
     return None
+
+
+def _intensity(plane: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    values = plane[mask]
+    return float(values.mean()), float(values.std()) + 1.0
 
 
 def _labels_out(out, shape: tuple[int, int, int], n: int):
@@ -156,12 +203,12 @@ def _labels_out(out, shape: tuple[int, int, int], n: int):
     return out
 
 
-def _claim(z: int, objects: list[int], masks: list[np.ndarray], confidence: list[float], prompts: list[Prompt]):
-    """Give each pixel to one object: the one nearest its prompted slice (then the more confident one).
+def _claim(objects: list[int], masks: list[np.ndarray], confidence: list[float], distance: list[int]):
+    """Give each pixel to one object: the one nearest one of its prompted slices (then the more confident one).
 
     Yields ``(position in objects, own pixels)`` in that order.
     """
-    rank = sorted(range(len(objects)), key=lambda k: (abs(z - int(prompts[objects[k]].z)), -confidence[k]))
+    rank = sorted(range(len(objects)), key=lambda k: (distance[k], -confidence[k]))
     claimed = np.zeros(masks[0].shape, dtype=bool) if masks else None
     for k in rank:
         own = masks[k] & ~claimed
@@ -169,12 +216,18 @@ def _claim(z: int, objects: list[int], masks: list[np.ndarray], confidence: list
         claimed |= own
 
 
-def _write(labels, z: int, drawn: dict[int, np.ndarray]) -> None:
-    """Draw object masks (0-based ids) into slice ``z`` of a NumPy or lazy (Zarr, memmap) label volume."""
+def _write(labels, z: int, drawn: dict[int, np.ndarray], distance: np.ndarray | None = None) -> None:
+    """Draw object masks (0-based ids) into slice ``z`` of a NumPy or lazy (Zarr, memmap) label volume.
+
+    ``distance`` (by label, background first): pixels already drawn by an object nearer one of its prompted
+    slices than the one drawn now are kept.
+    """
     if not drawn:
         return
     plane = np.array(labels[z])
     for i, own in drawn.items():
+        if distance is not None:
+            own = own & (distance[plane] >= distance[i + 1])
         plane[own] = i + 1
     labels[z] = plane
 
@@ -203,80 +256,125 @@ def segment_volume(
 
     ``volume`` is ``(Z, Y, X)`` (or ``(Z, Y, X, C)``), a NumPy array or any
     lazy array indexed by slice (Zarr, memory-mapped MRC). Each :class:`Prompt`
-    is one object and needs ``z``, its slice. Objects are followed forward and
-    backward from their slice until they end (see :class:`PropagationSettings`).
+    needs ``z``, its slice, and is one object, unless prompts share an
+    ``object`` id: then they are one object prompted on several slices (e.g. a
+    correction where the propagation from the first went wrong), which is
+    segmented on every slice from its nearest prompted slice and does not end
+    between them. Objects are followed forward and backward from their outermost
+    prompted slices until they end (see :class:`PropagationSettings`).
     One intensity window (``intensity`` preset) is used for the whole volume.
     SAM 2 models follow objects with their memory (see
     :mod:`biosam.volume.memory`), SAM v1 models by projecting the last mask.
     ``out``: an existing ``(Z, Y, X)`` integer array (e.g. Zarr, a memmap, or
     what :func:`biosam.io.open_labels` yields, indexed by slice) to write the
     labels into slice by slice, so that no volume-sized array is held in memory.
+    Object ``k`` (see :func:`group_objects`) gets label ``k + 1``.
     """
     settings = settings or PropagationSettings()
     depth, height, width = _check(volume, prompts)
-    prompts = [p.validate((height, width)) for p in prompts]
+    objects = group_objects([p.validate((height, width)) for p in prompts])
     normalize = volume_normalizer(volume, intensity)
-    labels = _labels_out(out, (depth, height, width), len(prompts))
-    scores = np.full((len(prompts), depth), np.nan, dtype=np.float32)
+    labels = _labels_out(out, (depth, height, width), len(objects))
+    scores = np.full((len(objects), depth), np.nan, dtype=np.float32)
     if predictor.info.preprocessing == "sam2":
         from biosam.volume.memory import track_objects
 
-        track_objects(predictor, volume, prompts, settings, normalize, labels, scores, progress)
+        track_objects(predictor, volume, objects, settings, normalize, labels, scores, progress)
     else:
-        _project_objects(predictor, volume, prompts, settings, normalize, labels, scores, progress)
+        _project_objects(predictor, volume, objects, settings, normalize, labels, scores, progress)
     return VolumeSegmentation(labels, scores, _z_range(scores), normalize)
 
 
-def _project_objects(predictor, volume, prompts, settings, normalize, labels, scores, progress) -> None:
+class _Slices:
+    """Where an object's prompted slices put slice ``z``: the nearest one, and whether prompts lie on both sides."""
+
+    def __init__(self, objects: list[list[Prompt]]) -> None:
+        self.z = [np.array([int(p.z) for p in obj]) for obj in objects]
+
+    def distance(self, i: int, z: int) -> int:
+        return int(np.abs(self.z[i] - z).min())
+
+    def by_label(self, z: int) -> np.ndarray:
+        """Every object's distance from slice ``z``, indexed by label (background: never nearer)."""
+        return np.array([np.iinfo(np.int64).max] + [np.abs(zs - z).min() for zs in self.z], dtype=np.int64)
+
+    def between(self, i: int, z: int) -> bool:
+        return bool((self.z[i] < z).any() and (self.z[i] > z).any())
+
+    def owns(self, i: int, z: int, step: int) -> bool:
+        """Whether the sweep going ``step`` carries object ``i`` onto slice ``z`` (ties go forward)."""
+        before, after = self.z[i][self.z[i] < z], self.z[i][self.z[i] > z]
+        if step == 1:
+            return not len(after) or not len(before) or z - before.max() <= after.min() - z
+        return not len(before) or (len(after) and after.min() - z < z - before.max())
+
+
+def _project_objects(predictor, volume, objects, settings, normalize, labels, scores, progress) -> None:
     """SAM v1: carry each object to the next slice as a prompt made from its last mask."""
     depth = labels.shape[0]
-    starts: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        starts.setdefault(int(p.z), []).append(i)
-    seeds: dict[int, _Track] = {}  # each object's prompted slice, segmented in the forward sweep
+    slices = _Slices(objects)
+    asked: dict[int, dict[int, Prompt]] = {}
+    for i, obj in enumerate(objects):
+        for p in obj:
+            asked.setdefault(int(p.z), {})[i] = p
+    seeds: dict[tuple[int, int], _Track] = {}  # (object, prompted slice): segmented in the forward sweep
 
     for step in (1, -1):
-        first = min(starts) if step == 1 else max(starts)
+        first = min(asked) if step == 1 else max(asked)
         stop = depth if step == 1 else -1
         active: dict[int, _Track] = {}
         bar = tqdm(range(first, stop, step), desc="forward" if step == 1 else "backward", disable=not progress,
                    leave=False)
         for z in bar:
-            new = starts.get(z, [])
-            if step == -1:  # prompted slices were segmented going forward
-                active.update({i: seeds[i] for i in new if i in seeds})
-                new = []
+            here = asked.get(z, {})
+            # an object passes to the other sweep where one of its prompted slices is nearer that way
+            active = {i: t for i, t in active.items() if i not in here and slices.owns(i, z, step)}
+            new = list(here) if step == 1 else []
             carried = list(active)
             if not new and not carried:
-                if (step == 1 and z > max(starts)) or (step == -1 and z < min(starts)):
+                if step == -1:  # prompted slices were segmented going forward; carry on from them below
+                    active.update({i: seeds[i, z] for i in here if (i, z) in seeds})
+                if (step == 1 and z > max(asked)) or (step == -1 and z < min(asked)):
                     break
                 continue
             bar.set_postfix(objects=len(new) + len(carried))
-            asked = [replace(prompts[i], z=z) for i in new] + [_projection(active[i], settings, z) for i in carried]
-            predictor.set_image(normalize(volume[z]), intensity="none")
-            result = predictor.predict_prompts(asked, zoom=settings.zoom)
+            plane = normalize(volume[z])
+            request = [replace(here[i], z=z) for i in new] + [_projection(active[i], settings, z) for i in carried]
+            predictor.set_image(plane, intensity="none")
+            result = predictor.predict_prompts(request, zoom=settings.zoom)
+            grey = plane.mean(axis=-1) if plane.ndim == 3 else plane
             order = new + carried
+            near = [slices.distance(i, z) for i in order]
             drawn = {}
             # a carried object that lost most of its mask to an object nearer its own prompt has run into
             # that neighbour: its own end was passed
-            for k, own in _claim(z, order, list(result.masks[:, 0]), list(result.scores[:, 0]), prompts):
+            for k, own in _claim(order, list(result.masks[:, 0]), list(result.scores[:, 0]), near):
                 i, mask, score = order[k], result.masks[k, 0], float(result.scores[k, 0])
                 if i in active:
-                    reason = _stops(active[i], own, score, settings)
-                    if reason is None and own.sum() < settings.min_own * mask.sum():
-                        reason = "ran into another object"
-                    if reason:
-                        logger.debug("object %d ends before slice %d: %s", i, z, reason)
-                        del active[i]
-                        continue
+                    if slices.between(i, z):  # the object is known to go on: keep it, even where it is lost
+                        if not own.any():
+                            continue
+                    else:
+                        reason = _stops(active[i], own, score, grey, settings)
+                        if reason is None and own.sum() < settings.min_own * mask.sum():
+                            reason = "ran into another object"
+                        if reason:
+                            logger.debug("object %d ends before slice %d: %s", i, z, reason)
+                            del active[i]
+                            continue
+                    intensity = active[i].intensity
                 elif not own.any():
                     logger.warning("object %d: its prompt on slice %d gives an empty mask", i, z)
                     continue
-                track = _Track(own, result.low_res_logits[k, 0], int(own.sum()))
+                else:
+                    intensity = _intensity(grey, own)
+                track = _Track(own, result.low_res_logits[k, 0], int(own.sum()), intensity)
                 active[i] = track
                 if i in new:
-                    seeds[i] = track
+                    seeds[i, z] = track
                 drawn[i] = own
                 scores[i, z] = score
-            _write(labels, z, drawn)
+            _write(labels, z, drawn, slices.by_label(z) if step == -1 else None)
+            if step == -1:
+                active.update({i: seeds[i, z] for i in here if (i, z) in seeds})
         bar.close()
