@@ -25,7 +25,8 @@ from biosam.errors import InputError
 from biosam.evaluate import match_instances
 from biosam.tomogram import VesicleSegmentation, VesicleSettings, segment_vesicles, synthetic_tomogram
 from biosam.tomogram.measure import COLUMNS, fit_sphere, measure_vesicles, write_measurements
-from biosam.tomogram.pipeline import label_dtype_for, relabel_volume, slab_centres, trim_objects
+from biosam.labels import label_dtype
+from biosam.tomogram.pipeline import relabel_volume, slab_centres, trim_objects
 
 from conftest import make_copick_project
 
@@ -136,8 +137,8 @@ def test_label_dtype_holds_every_label():
     assert out.dtype == np.uint16 and out.max() == 300 and len(np.unique(out)) == 301
     np.testing.assert_array_equal(old, ids)
     np.testing.assert_array_equal(out.reshape(-1)[np.arange(300) * 20], np.arange(1, 301))
-    assert label_dtype_for(255) == label_dtype_for(65535) == np.uint16
-    assert label_dtype_for(65536) == np.uint32
+    assert label_dtype(255) == label_dtype(65535) == np.uint16
+    assert label_dtype(65536) == np.uint32
 
 
 def test_trim_keeps_the_run_with_a_membrane():

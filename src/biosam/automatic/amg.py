@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from biosam.automatic.labels import relabel
 from biosam.automatic.rle import Rle, encode_masks
 from biosam.errors import InputError
+from biosam.labels import label_dtype
 from biosam.prompting.intensity import _channels_last
 from biosam.prompting.predictor import Predictor
 from biosam.prompting.preprocess import Frame, logits_to_image
@@ -529,7 +530,7 @@ def masks_to_labels(records: list[MaskRecord], shape: tuple[int, int]) -> np.nda
         if tuple(r.rle.shape) != shape:
             raise InputError(f"a mask of shape {tuple(r.rle.shape)} cannot be drawn in a label image of shape {shape}.")
     order = sorted(range(len(records)), key=lambda i: -records[i].area)
-    labels = np.zeros(shape, dtype=np.uint32 if len(records) >= 65536 else np.uint16)
+    labels = np.zeros(shape, dtype=label_dtype(len(records)))
     if not records or labels.size == 0:
         return labels
     for value, i in enumerate(order, start=1):

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 from skimage.segmentation import relabel_sequential
+from biosam.labels import label_dtype
 
 
 def relabel(labels: np.ndarray) -> np.ndarray:
-    """Contiguous ids 1..N in the smallest unsigned type (uint16 below 65536 objects, else uint32)."""
+    """Contiguous ids 1..N in :func:`biosam.labels.label_dtype`'s type."""
     out = relabel_sequential(labels)[0]
-    return out.astype(np.uint16 if out.max(initial=0) < 65536 else np.uint32, copy=False)
+    return out.astype(label_dtype(out.max(initial=0)), copy=False)
 
 
 def object_diameters(labels: np.ndarray, skip_border: bool = False) -> np.ndarray:

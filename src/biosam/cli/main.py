@@ -135,7 +135,7 @@ def segment(image, output, boxes, points, prompts_file, zoom, multimask, z, inte
 
     from biosam import Predictor, load_model
     from biosam.io import check_labels_output, open_labels, plane_index, read_image, read_plane
-    from biosam.io.meta import label_dtype
+    from biosam.labels import label_dtype
     from biosam.io.overlay import render_overlay
     from biosam.io.planes import plane_shape
     from biosam.prompting.intensity import check_contrast

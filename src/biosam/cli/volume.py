@@ -102,6 +102,7 @@ def volume(image, output, prompts_file, projection, min_score, min_overlap, max_
     from biosam.prompting.prompts import check_prompts
     from biosam.prompting.intensity import check_contrast
     from biosam.volume import segment_volume
+    from biosam.labels import label_dtype
     from biosam.volume.propagate import group_objects
 
     start = time.perf_counter()
@@ -132,7 +133,7 @@ def volume(image, output, prompts_file, projection, min_score, min_overlap, max_
     n = len(objects)
     voxels = np.zeros(n + 1, dtype=np.int64)
     # Labels go to the output slice by slice as they are found (streamed for MRC and Zarr), never held whole.
-    dtype = np.uint16 if n < 65535 else np.uint32
+    dtype = label_dtype(n)
     with open_labels(output, meta, dtype, overwrite=overwrite, compression=compression) as out:
         planes = _Planes(out, meta.labels_meta(), t)
         result = segment_volume(predictor, slices, prompts, settings, intensity=intensity, out=planes)

@@ -11,7 +11,8 @@ import numpy as np
 from biosam.errors import InputError
 from biosam.io.files import atomic_path, check_output_path, suffix_of
 from biosam.io.magic import empty_message, sniff, wrong_type_message
-from biosam.io.meta import ImageMeta, label_dtype
+from biosam.io.meta import ImageMeta
+from biosam.labels import label_dtype
 
 SUFFIXES = (".png", ".jpg", ".jpeg")
 LABEL_SUFFIXES = (".png",)

@@ -79,9 +79,3 @@ def unit_factor(unit: str | None, to: str) -> float | None:
     return UNIT_ANGSTROM[unit] / UNIT_ANGSTROM[to]
 
 
-def label_dtype(max_label: int) -> np.dtype:
-    """Smallest unsigned integer type that holds ``max_label``."""
-    for dtype in (np.uint8, np.uint16, np.uint32):
-        if max_label <= np.iinfo(dtype).max:
-            return np.dtype(dtype)
-    return np.dtype(np.uint64)

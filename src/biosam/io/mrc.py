@@ -31,7 +31,8 @@ from mrcfile.mrcmemmap import MrcMemmap
 
 from biosam.errors import InputError
 from biosam.io.files import atomic_path, check_output_path
-from biosam.io.meta import ImageMeta, label_dtype
+from biosam.io.meta import ImageMeta
+from biosam.labels import label_dtype
 
 log = logging.getLogger(__name__)
 

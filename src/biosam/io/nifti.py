@@ -18,7 +18,8 @@ import numpy as np
 
 from biosam.errors import InputError
 from biosam.io.files import atomic_path, check_output_path
-from biosam.io.meta import ImageMeta, label_dtype, unit_factor
+from biosam.io.meta import ImageMeta, unit_factor
+from biosam.labels import label_dtype
 from biosam.io.mrc import check_labels
 
 SUFFIXES = (".nii", ".nii.gz")

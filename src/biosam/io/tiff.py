@@ -35,7 +35,8 @@ import tifffile
 from biosam.errors import InputError
 from biosam.io.files import atomic_path, check_output_path, suffix_of
 from biosam.io.magic import empty_message, sniff, wrong_type_message
-from biosam.io.meta import ImageMeta, label_dtype, unit_factor
+from biosam.io.meta import ImageMeta, unit_factor
+from biosam.labels import label_dtype
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,8 @@ import zarr
 
 from biosam.errors import InputError
 from biosam.io.files import STORE_MARK, atomic_dir, check_output_path
-from biosam.io.meta import AXIS_LETTERS, SPATIAL_AXES, ImageMeta, label_dtype
+from biosam.io.meta import AXIS_LETTERS, SPATIAL_AXES, ImageMeta
+from biosam.labels import label_dtype
 
 SUFFIXES = (".zarr", ".ome.zarr")
 

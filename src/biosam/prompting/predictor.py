@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from biosam.errors import EmbeddingMismatchError, InputError
+from biosam.labels import label_dtype
 from biosam.prompting.intensity import PERCENTILES, normalize_intensity, resolve_preset
 from biosam.prompting.preprocess import Frame, crop_to_low_res, logits_to_image, model_input
 from biosam.prompting.prompts import Prompt
@@ -56,8 +57,7 @@ class Prediction:
             else:  # one object, C candidate masks
                 masks, scores = masks[None], scores[None]
         n = len(masks)
-        dtype = np.uint16 if n < 65536 else np.uint32
-        labels = np.zeros(masks.shape[-2:], dtype=dtype)
+        labels = np.zeros(masks.shape[-2:], dtype=label_dtype(n))
         best = np.argmax(scores, axis=1)
         for k in range(n):
             labels[masks[k, best[k]]] = k + 1
@@ -366,7 +366,7 @@ class Predictor:
                              f"from {ids[:3].tolist()}...).")
         warnings = self.prompt_warnings(prompts, ids)
         top = int(ids[-1]) if n else 0
-        labels = np.zeros((h, w), dtype=np.uint16 if top < 65536 else np.uint32)
+        labels = np.zeros((h, w), dtype=label_dtype(top))
         scores = np.zeros(n, dtype=np.float32)
         areas = np.zeros(n, dtype=np.int64)
         zoomed = np.zeros(n, dtype=bool)

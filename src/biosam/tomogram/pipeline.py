@@ -52,6 +52,7 @@ from skimage import filters, measure, transform
 from tqdm.auto import tqdm
 
 from biosam.errors import InputError
+from biosam.labels import label_dtype
 from biosam.prompting.predictor import Predictor
 from biosam.prompting.prompts import Prompt
 from biosam.volume import PropagationSettings, segment_volume
@@ -67,7 +68,6 @@ __all__ = [
     "finish_labels",
     "snap_to_membrane",
     "find_candidates",
-    "label_dtype_for",
     "local_contrast",
     "prepare_volume",
     "relabel_volume",
@@ -667,19 +667,12 @@ def snap_slices(labels: np.ndarray, volume: np.ndarray, n: int, membrane_px: flo
     return table
 
 
-def label_dtype_for(count: int) -> np.dtype:
-    """Label dtype that holds ``count`` objects: uint16, or uint32 past 65535 (never 8-bit, which wraps at 255)."""
-    if count < 0:
-        raise InputError(f"object count must be >= 0, got {count}.")
-    return np.dtype(np.uint16 if count <= np.iinfo(np.uint16).max else np.uint32)
-
-
 def relabel_volume(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Consecutive ids ``1..N`` in a dtype that holds them all, and the old id of each new one (``(N,)``)."""
     labels = np.asarray(labels)
     old = np.unique(labels)
     old = old[old > 0]
-    lut = np.zeros(int(old[-1]) + 1 if old.size else 1, dtype=label_dtype_for(old.size))
+    lut = np.zeros(int(old[-1]) + 1 if old.size else 1, dtype=label_dtype(old.size))
     lut[old] = np.arange(1, old.size + 1)
     return lut[labels], old
 

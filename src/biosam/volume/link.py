@@ -6,6 +6,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from biosam.errors import InputError
+from biosam.labels import label_dtype
 
 __all__ = ["SliceLinker", "link_slices", "overlap_iou"]
 
@@ -80,4 +81,4 @@ def link_slices(labels: np.ndarray, min_iou: float = 0.3) -> np.ndarray:
         raise InputError(f"link_slices needs a (Z, Y, X) stack of 2D label images, got shape {labels.shape}.")
     linker = SliceLinker(min_iou)
     out = np.stack([linker.add(plane) for plane in labels]) if len(labels) else labels.astype(np.int64)
-    return out.astype(np.uint16 if linker.count <= np.iinfo(np.uint16).max else np.uint32)
+    return out.astype(label_dtype(linker.count))

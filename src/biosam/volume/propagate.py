@@ -25,6 +25,7 @@ from scipy import ndimage as ndi
 from tqdm.auto import tqdm
 
 from biosam.errors import InputError
+from biosam.labels import label_dtype
 from biosam.prompting.intensity import volume_normalizer
 from biosam.prompting.predictor import Predictor
 from biosam.prompting.prompts import Prompt
@@ -193,7 +194,7 @@ def _intensity(plane: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
 
 
 def _labels_out(out, shape: tuple[int, int, int], n: int):
-    dtype = np.uint16 if n < 65535 else np.uint32
+    dtype = label_dtype(n)
     if out is None:
         return np.zeros(shape, dtype=dtype)
     if tuple(out.shape) != shape:

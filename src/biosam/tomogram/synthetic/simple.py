@@ -75,6 +75,7 @@ import numpy as np
 from scipy import fft as sfft
 
 from biosam.errors import InputError
+from biosam.labels import label_dtype
 
 # Bilayer geometry, nm: leaflet centres 4 nm apart, each leaflet a Gaussian of this FWHM.
 LEAFLET_SPACING_NM = 4.0
@@ -221,7 +222,7 @@ def synthetic_tomogram(
 
     n = len(objects)
     density = np.zeros(shape_t, np.float32)
-    labels = np.zeros(shape_t, np.uint16 if n <= np.iinfo(np.uint16).max else np.uint32)
+    labels = np.zeros(shape_t, label_dtype(n))
     render = {"vesicle": _render_vesicle, "gold": _render_gold, "ice": _render_ice, "membrane": _render_fragment}
     for label, obj in enumerate(objects, start=1):
         render[obj.kind](density, labels, label, obj, nm, lumen_density)
