@@ -105,7 +105,7 @@ def test_2d_and_units(tmp_path):
 def test_labels_without_nifti_like(tmp_path):
     out = nifti.write_labels(tmp_path / "plain.nii.gz", np.ones((2, 3, 4), np.int64))
     img = nib.load(out)
-    assert img.shape == (4, 3, 2) and np.array_equal(img.affine, np.eye(4)) and img.get_data_dtype() == np.uint8
+    assert img.shape == (4, 3, 2) and np.array_equal(img.affine, np.eye(4)) and img.get_data_dtype() == np.uint16
 
 
 def test_bad_input(tmp_path):

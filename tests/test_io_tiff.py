@@ -25,7 +25,7 @@ def test_imagej_cryoet_subtomogram_round_trip(tmp_path):
     out = write_labels(tmp_path / "labels.tif", labels, like=meta)
     back, back_meta = read_image(out)
     np.testing.assert_array_equal(back, labels)
-    assert back.dtype == np.uint8  # smallest type that holds the labels
+    assert back.dtype == np.uint16  # labels are never 8-bit (biosam.labels.label_dtype)
     assert (back_meta.axes, back_meta.unit) == ("ZYX", "nanometer")
     assert back_meta.spacing == pytest.approx(meta.spacing, rel=1e-6)
 
