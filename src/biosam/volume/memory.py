@@ -70,11 +70,12 @@ def track_objects(predictor: Predictor, volume, objects: list[list[Prompt]], set
             near = [slices.distance(i, z) for i in present]
             for j, own in _claim(present, [masks[k] for k in mine], [probability[k] for k in mine], near):
                 i, k = present[j], mine[j]
-                prompted = z in slices.z[i] or slices.between(i, z)
+                # never ends on or between its prompted slices
+                kept = z in slices.z[i] or slices.between(i, z)
                 ended = probability[k] < settings.min_score or own.sum() < settings.min_area
-                if not prompted and not ended and own.sum() < settings.min_own * masks[k].sum():
+                if not kept and not ended and own.sum() < settings.min_own * masks[k].sum():
                     ended = True  # ran into an object nearer its own prompted slice
-                if ended and not prompted:
+                if ended and not kept:
                     logger.debug("object %d ends before slice %d", i, z)
                     state.stop_object(i)
                     continue

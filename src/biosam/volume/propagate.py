@@ -297,7 +297,7 @@ class _Slices:
 
     def by_label(self, z: int) -> np.ndarray:
         """Every object's distance from slice ``z``, indexed by label (background: never nearer)."""
-        return np.array([np.iinfo(np.int64).max] + [np.abs(zs - z).min() for zs in self.z], dtype=np.int64)
+        return np.array([np.iinfo(np.int64).max] + [self.distance(i, z) for i in range(len(self.z))], dtype=np.int64)
 
     def between(self, i: int, z: int) -> bool:
         return bool((self.z[i] < z).any() and (self.z[i] > z).any())
