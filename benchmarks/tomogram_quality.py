@@ -34,7 +34,7 @@ from biosam.evaluate import match_instances
 from biosam.runtime import configure_cpu
 from biosam.tomogram import VesicleSettings, realistic_tomogram, segment_vesicles, synthetic_tomogram
 from biosam.tomogram.measure import measure_vesicles
-from biosam.tomogram.pipeline import CANDIDATE_METHODS
+from biosam.tomogram.vesicles import CANDIDATE_METHODS
 
 
 def z_extents(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:

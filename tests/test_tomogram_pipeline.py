@@ -26,7 +26,8 @@ from biosam.evaluate import match_instances
 from biosam.tomogram import VesicleSegmentation, VesicleSettings, segment_vesicles, synthetic_tomogram
 from biosam.tomogram.measure import COLUMNS, fit_sphere, measure_vesicles, write_measurements
 from biosam.labels import label_dtype
-from biosam.tomogram.pipeline import relabel_volume, slab_centres, trim_objects
+from biosam.tomogram.objects import relabel_volume, trim_objects
+from biosam.tomogram.slabs import slab_centres
 
 from conftest import make_copick_project
 
@@ -101,6 +102,46 @@ def test_measurements_of_exact_balls_in_their_units(tomo):
     np.testing.assert_allclose(stretched["centroid_x_A"], table["centroid_x_A"])
     np.testing.assert_allclose(stretched["z_extent_nm"], 2 * table["z_extent_nm"])
     np.testing.assert_allclose(stretched["mean_score"], 0.9)
+
+
+def test_voxel_size_is_checked_and_converted_in_one_place():
+    from biosam.io import ImageMeta, VoxelSize, voxel_size_of
+
+    cubic = VoxelSize.of(10.5)
+    assert cubic.angstrom == (10.5, 10.5, 10.5) and cubic.nm == (1.05, 1.05, 1.05) and VoxelSize.of(cubic) is cubic
+    voxel = VoxelSize.of((20.0, 10.0, 12.5))
+    assert voxel.nm == (2.0, 1.0, 1.25) and voxel.voxel_nm3 == 2.5
+    assert voxel.pixel_nm == pytest.approx(math.sqrt(1.25))
+    for bad in (0, -10.0, float("nan"), float("inf"), (10.0, 10.0), (10.0, 10.0, 0.0), "ten", None):
+        with pytest.raises(InputError, match="voxel size"):
+            VoxelSize.of(bad)
+    with pytest.raises(InputError, match="voxel size"):
+        VoxelSize(0.0, 10.0, 10.0)
+    # Refused by every user before any work.
+    with pytest.raises(InputError, match="voxel size"):
+        measure_vesicles(np.ones((2, 4, 4), np.uint16), (10.0, 0.0, 10.0))
+    with pytest.raises(InputError, match="voxel size"):
+        segment_vesicles(None, np.zeros((4, 8, 8)), -1.0)
+
+    # From a file's metadata: its unit converted to Å; --voxel-size replaces it; neither is refused.
+    meta = ImageMeta("t.tif", "tiff", "ZYX", (4, 8, 8), "uint8", spacing=dict.fromkeys("ZYX", 1.052), unit="nanometer")
+    assert voxel_size_of(meta, None, "t.tif").angstrom == pytest.approx((10.52,) * 3)
+    assert voxel_size_of(meta, 8.0, "t.tif") == VoxelSize.of(8.0)
+    with pytest.raises(InputError, match="--voxel-size must be a positive size"):
+        voxel_size_of(meta, 0.0, "t.tif")
+    with pytest.raises(InputError, match="t.tif: the file does not record its voxel size.*--voxel-size"):
+        voxel_size_of(ImageMeta("t.tif", "tiff", "ZYX", (4, 8, 8), "uint8"), None, "t.tif")
+
+
+def test_settings_name_every_broken_rule():
+    with pytest.raises(InputError, match="min_score must lie in .*; z_step must be a whole number >= 1"):
+        VesicleSettings(method="lumen", min_score=2.0, z_step=0)
+    with pytest.raises(InputError, match="need min_diameter_nm < max_diameter_nm"):
+        VesicleSettings(min_diameter_nm=50.0, max_diameter_nm=40.0)
+    with pytest.raises(InputError, match="method must be one of decoder, lumen, hough, amg"):
+        VesicleSettings(method="circles")
+    with pytest.raises(InputError, match="decoder method reads slabs through the whole tomogram"):
+        VesicleSettings(n_slabs=3)
 
 
 def test_sphere_fit():
@@ -254,6 +295,10 @@ def test_cli_refuses_z_outside_the_volume(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tomo.mrc"]
     res = run("tomogram", tomo_path, "-o", tmp_path / "out.mrc", "--z", 3, "--multi-slab", 2)
     assert res.exit_code != 0 and "not both" in res.output
+    # Settings refusals name the command's options.
+    res = run("tomogram", tomo_path, "-o", tmp_path / "out.mrc", "--min-diameter", 50, "--max-diameter", 40)
+    assert res.exit_code != 0 and "need --min-diameter < --max-diameter" in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tomo.mrc"]
 
 
 def test_cli_needs_a_voxel_size(tmp_path):

@@ -5,22 +5,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 import click
 import numpy as np
 
 from biosam.cli.common import input_options
 from biosam.errors import BiosamError, InputError
-from biosam.io.meta import unit_factor
+from biosam.io.volumes import zyx_volume
+from biosam.io.voxel_size import VoxelSize, voxel_size_of
 from biosam.tomogram.grid import POLARITY_CHOICES
-from biosam.tomogram.pipeline import CANDIDATE_METHODS
-
-logger = logging.getLogger(__name__)
+from biosam.tomogram.vesicles import CANDIDATE_METHODS
 
 # The options behind VesicleSettings fields, for error messages.
 _OPTION_NAMES = {"min_diameter_nm": "--min-diameter", "max_diameter_nm": "--max-diameter",
@@ -37,57 +34,12 @@ def _base(output: str) -> Path:
     return path.with_name(path.name[: len(path.name) - len(suffix)] if suffix else path.name)
 
 
-def zyx_volume(data: Any, meta, path: str) -> np.ndarray:
-    """The ``(Z, Y, X)`` voxels of an image read by :func:`biosam.io.read_image`, as float32 in memory.
-
-    Axes of size 1 other than Z, Y, X are dropped; a 2D image, a time series
-    or several channels are refused with a message naming ``path``.
-    """
-    axes, shape = meta.axes, tuple(meta.shape)
-    if not set("ZYX") <= set(axes) or shape[axes.index("Z")] < 2:
-        raise InputError(
-            f"{path}: is a 2D image (axes {axes}, shape {shape}), but `biosam tomogram` needs a 3D tomogram (Z, Y, X). "
-            "Give a volume (MRC, TIFF stack, Zarr, copick run); for single images use `biosam auto`."
-        )
-    extra = [a for a in axes if a not in "ZYX" and shape[axes.index(a)] > 1]
-    if extra:
-        raise InputError(
-            f"{path}: has axes {axes} (shape {shape}); `biosam tomogram` reads one 3D volume (Z, Y, X) without "
-            "channels or time points. Save the tomogram you want as its own file."
-        )
-    index = tuple(slice(None) if a in "ZYX" else 0 for a in axes)
-    kept = [a for a in axes if a in "ZYX"]
-    volume = np.asarray(data[index], dtype=np.float32)
-    return np.transpose(volume, [kept.index(a) for a in "ZYX"])
-
-
-def voxel_size_of(meta, given: float | None, path: str) -> tuple[float, float, float]:
-    """The ``(z, y, x)`` voxel size in Å: from the file's header, or ``--voxel-size`` when the header has none."""
-    spacing = meta.spacing or {}
-    scale = unit_factor(meta.unit, "angstrom")
-    recorded = None
-    if scale is not None and all(spacing.get(a, 0) > 0 for a in "ZYX"):
-        recorded = tuple(float(spacing[a]) * scale for a in "ZYX")
-    if given is not None:
-        if not given > 0:
-            raise InputError(f"--voxel-size must be a positive size in Å, got {given}.")
-        if recorded is not None and not np.allclose(recorded, given, rtol=1e-3):
-            logger.warning("%s: header voxel size %s Å replaced by --voxel-size %g Å", path, recorded, given)
-        return (float(given),) * 3
-    if recorded is None:
-        raise InputError(
-            f"{path}: the file does not record its voxel size (0 or missing in the header). Give it with "
-            "--voxel-size in Å (e.g. --voxel-size 10)."
-        )
-    return recorded
-
-
-def _labels_like(meta, voxel_size: tuple[float, float, float], from_header: bool):
+def _labels_like(meta, voxel: VoxelSize, from_header: bool):
     """Geometry of the label volume: the input's own, with the voxel size filled in when the header had none."""
     if from_header:
         return meta
     extra = {k: v for k, v in meta.extra.items() if k != "mrc_geometry"}
-    spacing = dict(zip("ZYX", voxel_size))
+    spacing = dict(zip("ZYX", voxel.angstrom))
     return dataclasses.replace(meta, spacing={**meta.spacing, **spacing}, unit="angstrom", extra=extra)
 
 
@@ -220,7 +172,7 @@ def tomogram(tomogram, output, csv_path, overlay, z, multi_slab, slab_thickness,
 
     from biosam.io import check_labels_output, read_image, write_image, write_labels
     from biosam.tomogram.measure import measure_vesicles, write_measurements
-    from biosam.tomogram.pipeline import VesicleSettings
+    from biosam.tomogram.vesicles import VesicleSettings
 
     # Everything that can be refused is refused before the model loads.
     data, meta = read_image(tomogram, axes=axes, level=level)
@@ -229,8 +181,8 @@ def tomogram(tomogram, output, csv_path, overlay, z, multi_slab, slab_thickness,
     depth = meta.shape[meta.axes.index("Z")]
     if z is not None and not 0 <= z < depth:
         raise InputError(f"{tomogram}: --z {z} is outside the volume; it has {depth} slices (z = 0..{depth - 1}).")
-    spacing = voxel_size_of(meta, voxel_size, tomogram)
-    like = _labels_like(meta, spacing, from_header=voxel_size is None)
+    voxel = voxel_size_of(meta, voxel_size, tomogram)
+    like = _labels_like(meta, voxel, from_header=voxel_size is None)
     check_labels_output(output, like, overwrite)
     check_output_path(csv_path, (".csv",), overwrite)
     if overlay is not None:
@@ -267,11 +219,11 @@ def tomogram(tomogram, output, csv_path, overlay, z, multi_slab, slab_thickness,
         judge.keep_ids(keep)
     start = time.perf_counter()
     try:
-        result = segment_vesicles(predictor, volume, spacing, settings, classifier=judge, keep=keep, progress=True)
+        result = segment_vesicles(predictor, volume, voxel, settings, classifier=judge, keep=keep, progress=True)
     except BiosamError as exc:
         raise BiosamError(f"{tomogram}: {exc}") from exc
-    table = measure_vesicles(result.labels, spacing, result.scores)
-    centres_vox = np.column_stack([table[f"centroid_{a}_A"] / s for a, s in zip("zyx", spacing)])
+    table = measure_vesicles(result.labels, voxel, result.scores)
+    centres_vox = np.column_stack([table[f"centroid_{a}_A"] / s for a, s in zip("zyx", voxel.angstrom)])
     written: list[str] = []
     try:
         written.append(str(write_labels(output, result.labels, like=like, overwrite=overwrite)))
@@ -292,7 +244,7 @@ def tomogram(tomogram, output, csv_path, overlay, z, multi_slab, slab_thickness,
         _remove(written)
         raise
     if as_json:
-        report = {"tomogram": str(tomogram), "input": meta.summary(), "voxel_size_A": list(spacing),
+        report = {"tomogram": str(tomogram), "input": meta.summary(), "voxel_size_A": list(voxel.angstrom),
                   "model": predictor.info.name, "method": settings.method,
                   "classifier": str(classifier) if classifier else None, "slabs": result.slabs,
                   "candidates": result.candidates, "polarity": result.polarity, "vesicles": int(len(table["label"])),

@@ -21,7 +21,11 @@ import numpy as np
 from scipy import ndimage as ndi
 from tqdm.auto import tqdm
 
-from biosam.tomogram.grid import WORKING_VOXEL_A
+from biosam.io.voxel_size import VoxelSize
+from biosam.tomogram.grid import WORKING_VOXEL, to_input_grid, working_volume
+from biosam.tomogram.objects import relabel_volume
+from biosam.tomogram.slabs import contrast_window, slab_image
+from biosam.tomogram.vesicles import VesicleSegmentation, VesicleSettings
 from biosam.volume.link import overlap_iou
 
 logger = logging.getLogger(__name__)
@@ -35,9 +39,7 @@ LINK_IOU = 0.3
 
 def decoder_slab(volume: np.ndarray, z: int, thickness: int, background_nm: float) -> np.ndarray:
     """The uint8 slab the vesicle decoder reads: ``thickness`` working-grid slices around ``z``, locally normalised."""
-    from biosam.tomogram.pipeline import slab_image
-
-    window = background_nm / (WORKING_VOXEL_A / 10.0)
+    window = contrast_window(background_nm, WORKING_VOXEL)
     return np.rint(slab_image(volume, z, thickness, window)).astype(np.uint8)
 
 
@@ -194,22 +196,20 @@ def complete_objects(objects: np.ndarray, zs: np.ndarray, depth: int, min_sectio
     return out, np.array([f[4] for f in found], np.int64)
 
 
-def find_vesicles(predictor, volume: np.ndarray, spacing_a: tuple[float, float, float], settings,
-                  progress: bool = True):
+def find_vesicles(predictor, volume: np.ndarray, voxel: VoxelSize, settings: VesicleSettings,
+                  progress: bool = True) -> VesicleSegmentation:
     """The ``decoder`` method of :func:`biosam.tomogram.pipeline.segment_vesicles` (see the module docstring).
 
     ``volume`` ``(Z, Y, X)`` in its own geometry and polarity (``settings.polarity``);
-    returns a :class:`~biosam.tomogram.pipeline.VesicleSegmentation` on the input's voxels whose scores are
+    returns a :class:`~biosam.tomogram.vesicles.VesicleSegmentation` on the input's voxels whose scores are
     the decoder's mean foreground probability of each object's section on each slab (NaN between slabs).
     """
     from biosam.automatic.ais import load_decoder
-    from biosam.tomogram.grid import to_input_grid, working_volume
-    from biosam.tomogram.pipeline import VesicleSegmentation, relabel_volume, slab_image
 
     decoder = load_decoder(settings.decoder, model=predictor.model, kind="vesicles")
-    work, grid = working_volume(volume, spacing_a, settings.polarity)
+    work, grid = working_volume(volume, voxel, settings.polarity)
     depth = work.shape[0]
-    nm = WORKING_VOXEL_A / 10.0
+    nm = WORKING_VOXEL.nm[0]  # the working grid's voxels are cubic
     step = max(1, round(settings.slab_step / nm))
     zs = np.arange((depth // 2) % step, depth, step)
     sections, confidence = slab_instances(predictor, decoder, work, zs, round(settings.slab_thickness / nm),
@@ -233,8 +233,7 @@ def find_vesicles(predictor, volume: np.ndarray, spacing_a: tuple[float, float, 
     # The picture users check: the input's middle slab, dense dark.
     middle = volume.shape[0] // 2
     dark = np.negative(volume, dtype=np.float32) if grid.polarity == "bright" else volume
-    pixel_a = math.sqrt(spacing_a[1] * spacing_a[2])
-    slab = slab_image(dark, middle, max(1, round(settings.slab_thickness * 10.0 / spacing_a[0])),
-                      settings.background_nm * 10.0 / pixel_a)
+    slab = slab_image(dark, middle, max(1, round(settings.slab_thickness / voxel.nm[0])),
+                      contrast_window(settings.background_nm, voxel))
     return VesicleSegmentation(labels, scores, [middle], np.rint(slab).astype(np.uint8),
                                [int(s.max(initial=0)) for s in sections], grid.polarity)

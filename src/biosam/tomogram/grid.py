@@ -17,11 +17,14 @@ from scipy import ndimage as ndi
 from scipy import stats
 
 from biosam.errors import InputError
+from biosam.io.voxel_size import VoxelSize
 
 logger = logging.getLogger(__name__)
 
 #: Voxel size (Å) the vesicle finder works at.
 WORKING_VOXEL_A = 10.0
+#: The same, as the voxel size of the working grid.
+WORKING_VOXEL = VoxelSize.of(WORKING_VOXEL_A)
 POLARITY_CHOICES = ("auto", "dark", "bright")
 #: Skewness above which a tomogram counts as dense-is-bright (dense material is sparse, so it forms the tail).
 _BRIGHT_SKEW = 0.05
@@ -70,12 +73,12 @@ def resolve_polarity(volume: np.ndarray, polarity: str) -> tuple[str, float | No
     return polarity, skew
 
 
-def working_volume(volume: np.ndarray, spacing_a: tuple[float, float, float], polarity: str = "auto",
-                   working_a: float = WORKING_VOXEL_A) -> tuple[np.ndarray, WorkingGrid]:
-    """``volume`` resampled (linear) to ``working_a`` Å voxels and made dense-is-dark, float32."""
+def working_volume(volume: np.ndarray, voxel_size: VoxelSize | float | tuple[float, float, float],
+                   polarity: str = "auto", working_a: float = WORKING_VOXEL_A) -> tuple[np.ndarray, WorkingGrid]:
+    """``volume`` of ``voxel_size`` (Å) resampled (linear) to ``working_a`` Å voxels and made dense-is-dark, float32."""
     volume = np.asarray(volume)
     polarity, skew = resolve_polarity(volume, polarity)
-    zoom = tuple(float(s) / working_a for s in spacing_a)
+    zoom = tuple(s / working_a for s in VoxelSize.of(voxel_size).angstrom)
     out = np.asarray(volume, np.float32)
     if any(abs(z - 1) > 1e-3 for z in zoom):
         out = ndi.zoom(out, zoom, order=1, mode="nearest", grid_mode=True)

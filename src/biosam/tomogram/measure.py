@@ -17,6 +17,7 @@ from scipy import ndimage as ndi
 
 from biosam.errors import InputError
 from biosam.io.files import atomic_path, check_output_path
+from biosam.io.voxel_size import VoxelSize
 
 __all__ = ["COLUMNS", "fit_sphere", "measure_vesicles", "write_measurements"]
 
@@ -60,25 +61,23 @@ def _surface_points(mask: np.ndarray, spacing: np.ndarray) -> np.ndarray:
 
 
 def measure_vesicles(
-    labels: np.ndarray, voxel_size: float | tuple[float, float, float], scores: np.ndarray | None = None
+    labels: np.ndarray, voxel_size: VoxelSize | float | tuple[float, float, float], scores: np.ndarray | None = None
 ) -> dict[str, np.ndarray]:
     """One row per object of ``labels`` ``(Z, Y, X)``: the columns of :data:`COLUMNS` as NumPy arrays.
 
-    ``voxel_size`` in Å (one number or ``(z, y, x)``); ``scores`` ``(N, Z)``
-    predicted IoU per object and slice (NaN where absent), row ``k`` for label
-    ``k + 1``; without it ``mean_score`` is NaN. The fitted diameter comes
+    ``voxel_size``: a :class:`~biosam.io.voxel_size.VoxelSize`, or one number
+    or ``(z, y, x)`` in Å; ``scores`` ``(N, Z)`` predicted IoU per object and
+    slice (NaN where absent), row ``k`` for label ``k + 1``; without it
+    ``mean_score`` is NaN. The fitted diameter comes
     from a least-squares sphere through the surface voxels, each taken half a
     voxel outwards (voxel centres lie inside the surface).
     """
     labels = np.asarray(labels)
     if labels.ndim != 3:
         raise InputError(f"expected a label volume (Z, Y, X), got shape {labels.shape}.")
-    spacing = np.atleast_1d(np.asarray(voxel_size, dtype=np.float64))
-    spacing = np.repeat(spacing, 3) if spacing.size == 1 else spacing
-    if spacing.size != 3 or not np.all(spacing > 0):
-        raise InputError(f"voxel size must be one positive number or (z, y, x) in Å, got {voxel_size!r}.")
-    spacing_nm = spacing / 10.0
-    voxel_nm3 = float(np.prod(spacing_nm))
+    voxel = VoxelSize.of(voxel_size)
+    spacing, spacing_nm = np.asarray(voxel.angstrom), np.asarray(voxel.nm)
+    voxel_nm3 = voxel.voxel_nm3
     boxes = ndi.find_objects(labels)
     rows: dict[str, list] = {name: [] for name in COLUMNS}
     for index, box in enumerate(boxes):

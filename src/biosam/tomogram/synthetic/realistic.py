@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from biosam.errors import InputError
+from biosam.io.voxel_size import angstrom_to_nm
 from biosam.tomogram.synthetic.scene import SceneSettings, render_scene
 from biosam.tomogram.synthetic.simple import SyntheticTomogram, _check_shape, _check_snr, _positive
 from biosam.tomogram.synthetic.tilt import Microscope, back_project, image_series, project, series_noise, tilt_angles
@@ -58,7 +59,7 @@ def realistic_tomogram(
         raise InputError(f"need 0 < tilt_step <= max_tilt < 90 degrees, got {tilt_step} and {max_tilt}.")
     defocus_um = _positive("defocus_um", defocus_um)
     scene_seed, noise_seed = np.random.SeedSequence(seed).spawn(2)
-    drawn = render_scene(shape_t, voxel_size / 10.0, np.random.default_rng(scene_seed), scene or SceneSettings())
+    drawn = render_scene(shape_t, angstrom_to_nm(voxel_size), np.random.default_rng(scene_seed), scene or SceneSettings())
     angles = tilt_angles(max_tilt, tilt_step)
     scope = Microscope(defocus_um=defocus_um)
     images = image_series(project(drawn.density, angles), angles, voxel_size, scope)

@@ -21,11 +21,13 @@ must find.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 from scipy import ndimage
 
+from biosam.settings import check, rule, whole, within
 from biosam.tomogram.synthetic.simple import (
     LEAFLET_FWHM_NM,
     LEAFLET_SPACING_NM,
@@ -74,6 +76,17 @@ class SceneSettings:
     ice_per_um2: float = 8.0
     plasma_membrane: bool = True
     cytosol_std: float = 0.12
+
+    def __post_init__(self) -> None:
+        sizes = tuple(self.cluster_size) if isinstance(self.cluster_size, (tuple, list)) else ()
+        # Cluster sizes are drawn from [low, high): high must exceed low.
+        sizes_ok = (len(sizes) == 2 and whole("low", sizes[0], 1)[0] and whole("high", sizes[1], 2)[0]
+                    and sizes[0] < sizes[1])
+        check("scene settings", [
+            *(within(f.name, getattr(self, f.name), 0.0, math.inf) for f in fields(self) if f.name.endswith("_per_um2")),
+            rule(sizes_ok, f"cluster_size must be two whole numbers 1 <= low < high, got {self.cluster_size!r}"),
+            within("cytosol_std", self.cytosol_std, 0.0, math.inf),
+        ])
 
 
 class _Occupancy:

@@ -75,6 +75,7 @@ import numpy as np
 from scipy import fft as sfft
 
 from biosam.errors import InputError
+from biosam.io.voxel_size import angstrom_to_nm
 from biosam.labels import label_dtype
 
 # Bilayer geometry, nm: leaflet centres 4 nm apart, each leaflet a Gaussian of this FWHM.
@@ -177,7 +178,7 @@ def synthetic_tomogram(
     """
     shape_t = _check_shape(shape)
     voxel_size = _positive("voxel_size", voxel_size)
-    nm = voxel_size / 10.0  # nm per voxel
+    nm = angstrom_to_nm(voxel_size)  # nm per voxel
     lo_nm, hi_nm = _check_radius_range(radius_range_nm)
     min_gap_nm = _non_negative("min_gap_nm", min_gap_nm)
     lumen_density = _finite("lumen_density", lumen_density)
