@@ -39,7 +39,7 @@ import biosam
 from biosam.evaluate import match_instances
 from biosam.runtime import configure_cpu
 from biosam.tomogram import synthetic_tomogram
-from biosam.tomogram.pipeline import VesicleSettings, segment_vesicles
+from biosam.tomogram import VesicleSettings, segment_vesicles
 from biosam.train.classifier import ClassifierSettings, tomogram_candidates, train_classifier
 
 DISTRACTORS = {"n_gold": 6, "n_ice": 8, "n_membranes": 4}

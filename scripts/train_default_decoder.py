@@ -75,7 +75,7 @@ def main() -> None:
             train += pairs * max(1, math.ceil(TILES_PER_SET / len(pairs)))
     output = WEIGHTS if args.held is None else args.folds / f"without_{args.held}.pt"
     model = load_model("lite_medsam", device="cpu", precision="fp32")
-    result = train_decoder(model, train, [], output, recipe(args.epochs), cache_dir=args.cache_dir)
+    result = train_decoder(model, train, [], output, recipe(args.epochs), cache_dir=args.cache_dir, overwrite=True)
     resume_path(output).unlink(missing_ok=True)  # keep the package folder free of training state
     print(json.dumps({"output": str(output), "held": args.held, "sets": [s for s in sets if s != args.held],
                       "seconds": round(time.perf_counter() - started, 1), "best_epoch": result.best_epoch,

@@ -98,7 +98,8 @@ def main() -> None:
                              variants=1, window=32, steps_per_epoch=60, batch_size=8, lr=2e-3, seed=0,
                              intensity="none")
     model = load_model("lite_medsam", device="cpu", precision="fp32")
-    result = train_decoder(model, train, tune, args.output, settings, cache_dir=args.scratch / "embeddings")
+    result = train_decoder(model, train, tune, args.output, settings, cache_dir=args.scratch / "embeddings",
+                           overwrite=True)
     resume_path(args.output).unlink(missing_ok=True)
     print(json.dumps({"output": str(args.output), "train_tomograms": args.tomograms, "pairs": len(train),
                       "tune_pairs": len(tune), "best_epoch": result.best_epoch, "validation": result.validation,

@@ -22,8 +22,7 @@ from biosam.classify import ClassifierMismatchError, CropSettings, MaskClassifie
 from biosam.classify.features import crops
 from biosam.cli.main import main
 from biosam.errors import InputError
-from biosam.tomogram import synthetic_tomogram
-from biosam.tomogram.pipeline import VesicleSettings, segment_vesicles
+from biosam.tomogram import VesicleSettings, segment_vesicles, synthetic_tomogram
 from biosam.train.classifier import (
     ClassifierSettings,
     LabelledCandidates,
@@ -130,9 +129,11 @@ def test_training_learns_the_candidates_and_writes_its_record(trained, lite_meds
     assert loaded.classes == ["background", "vesicle"] and loaded.source == "tomogram"
     assert loaded.info["training"]["train_candidates"] == {"background": int((labels == 0).sum()),
                                                           "vesicle": int((labels == 1).sum())}
-    # Inference recomputes the features from the crops: it must agree with what training saw.
+    # Inference recomputes the features from the crops: it must agree with what training saw, and the
+    # training candidates must have been learnt (always answering the commoner class scores 0.67 on them).
     predicted = np.concatenate([_predict_pairs(loaded, lite_medsam, s.usable()) for s in sources])
     assert np.mean(predicted == labels) >= 0.9
+    assert np.mean(predicted == labels) >= _majority(labels) + 0.25
     metrics = json.loads(result.metrics_path.read_text())
     assert np.sum(metrics["confusion"]) == len(labels) and metrics["best_epoch"] == result.best_epoch
     assert len(metrics["history"]) == result.epochs_run
@@ -146,6 +147,30 @@ def _predict_pairs(classifier, model, source: LabelledCandidates) -> np.ndarray:
     features = masked_features(model, source.pairs, classifier.crop)
     with torch.inference_mode():
         return classifier.head(features).argmax(1).numpy()
+
+
+def _majority(labels: np.ndarray) -> float:
+    """The accuracy of always answering the commonest class."""
+    return float(np.bincount(labels).max() / len(labels))
+
+
+def test_the_classifier_sorts_candidates_of_tomograms_it_never_saw(trained, lite_medsam):
+    """Candidates of three other generated tomograms: vesicles kept, a share of the distractors rejected."""
+    result, _, _ = trained
+    predictor = biosam.Predictor(lite_medsam)
+    truths, predicted = [], []
+    for seed in (5, 6, 7):  # seeds 3 and 4 cannot place their objects in this volume
+        truth, vesicles = _tomogram(seed)
+        source = tomogram_candidates(predictor, truth.volume, (VOXEL,) * 3, vesicles,
+                                     {i: 1 for i in np.unique(vesicles) if i}, f"t{seed}", ClassifierSettings(),
+                                     HOUGH).usable()
+        truths.append(source.labels)
+        predicted.append(_predict_pairs(result.classifier, lite_medsam, source))
+    truth, predicted = np.concatenate(truths), np.concatenate(predicted)
+    assert (truth == 1).sum() >= 8 and (truth == 0).sum() >= 8
+    # measured: accuracy 0.71 against 0.52 for always answering "vesicle"; every vesicle kept, 4 of 10 distractors out
+    assert np.mean(predicted == truth) >= _majority(truth) + 0.15
+    assert np.mean(predicted[truth == 1] == 1) >= 0.9 and np.mean(predicted[truth == 0] == 0) >= 0.3
 
 
 def test_pipeline_with_the_classifier_drops_what_it_rejects(trained, lite_medsam):

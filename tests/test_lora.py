@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from biosam.models import CONFIGS, SamConfig, build_sam
-from biosam.train.lora import (
+from biosam.models.lora import (
     LoRALinear,
     add_lora,
     apply_adapters,

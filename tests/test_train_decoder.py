@@ -149,3 +149,32 @@ def test_object_size_resizes_training_images_to_one_size(tiny_pairs, tmp_path, l
     # NIH3T3 nuclei (about 85 px) were halved: the decoder records 40 px, not their size in the files.
     assert 30 < load_decoder(out, lite_medsam).info["object_size"] < 50
     assert len(list((tmp_path / "cache").iterdir())) == 4  # every tile re-exposed: 2 crops x 2 images
+
+
+@pytest.mark.parametrize("command", ["decoder", "sam", "classifier"])
+def test_the_train_commands_share_their_options_and_refusals(command, tmp_path):
+    """One option group: the same checks and messages in every `biosam train` command, all before a model loads."""
+    from biosam.cli.main import main
+
+    for folder in ("images", "labels"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "a.png").write_bytes(b"never read")
+    out = tmp_path / "model.pt"
+    base = ["train", command, "--images", str(tmp_path / "images"), "--labels", str(tmp_path / "labels"),
+            "-o", str(out)]
+
+    def run(*extra):
+        return CliRunner().invoke(main, [*base, *extra])
+
+    result = run("--lr", "0")
+    assert result.exit_code == 1 and "lr must be > 0, got 0.0" in result.output
+    result = run("--val-fraction", "0.95")
+    assert result.exit_code == 1 and "val_fraction must lie in [0.0, 0.9], got 0.95" in result.output
+    result = run("--epochs", "0")
+    assert result.exit_code == 1 and "epochs must be a whole number >= 1, got 0" in result.output
+    result = run("--device", "gpu")
+    assert result.exit_code == 2 and "'gpu' is not one of 'cpu', 'cuda'" in result.output
+    out.write_bytes(b"keep me")
+    result = run()
+    assert result.exit_code == 1 and f"{out}: already exists" in result.output and "--overwrite" in result.output
+    assert out.read_bytes() == b"keep me"

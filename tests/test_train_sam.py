@@ -173,13 +173,19 @@ def test_cli_writes_a_model_that_loads_anywhere(runs, lite_medsam, tmp_path):
     assert meta["settings"]["batch_size"] == 2 and meta["intensity"] == "auto"
     metrics = meta["metrics"]
     assert metrics["best_epoch"] == 1 and [r["epoch"] for r in metrics["history"]] == [1]
-    assert 0 <= metrics["kept"]["val_box_iou"] <= 1 and metrics["baseline"]["objects"] >= 1
+    # LiteMedSAM boxes its held-out nuclei well before and after one epoch of LoRA on one image (0.744 -> 0.743
+    # measured): training neither broke the model nor got scored on the wrong objects.
+    baseline, kept = metrics["baseline"], metrics["kept"]
+    assert baseline["objects"] == 5 and baseline["box_iou"] >= 0.7
+    assert kept["val_box_iou"] >= 0.7 and abs(kept["val_box_iou"] - baseline["box_iou"]) < 0.02
+    assert summary["validation"]["box_iou"] == round(kept["val_box_iou"], 4)
+    assert summary["before"]["box_iou"] == round(baseline["box_iou"], 4)
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, lite_medsam.state_dict()[k])]
     assert any(k.startswith("image_encoder.") for k in changed) and any(k.startswith("mask_decoder.") for k in changed)
 
     # the command line takes it as --model
     from biosam.automatic.data import as_instances
-    from biosam.evaluate import boxes_from_labels
+    from biosam.evaluate import boxes_from_labels, mask_iou
 
     truth = as_instances(iio.imread(shared_file("nuclei_nih3t3", "labels", "0.png")))
     boxes, ids = boxes_from_labels(truth)
@@ -192,7 +198,8 @@ def test_cli_writes_a_model_that_loads_anywhere(runs, lite_medsam, tmp_path):
     assert result.exit_code == 0, result.output
     found = iio.imread(out) == 1
     assert json.loads(result.stdout)["model"] == str(runs["first"])
-    assert found.sum() > 0.5 * (truth == ids[k]).sum()
+    # the mask must match the nucleus, not just cover it (0.677 measured; LiteMedSAM itself: 0.675)
+    assert mask_iou(found, truth == ids[k]) >= 0.6
 
 
 def test_resume_continues_at_the_next_epoch_and_matches_an_uninterrupted_run(runs):
@@ -202,8 +209,8 @@ def test_resume_continues_at_the_next_epoch_and_matches_an_uninterrupted_run(run
     assert resumed["epoch"] == 2 and [r["epoch"] for r in resumed["history"]] == [1, 2]
     assert resumed["history"][0] == runs["state_1"]["history"][0]  # epoch 1 was not trained again
     # same seed, same data: the weights are identical whether or not the run was interrupted
-    assert resumed["trainable"].keys() == straight["trainable"].keys()
-    assert all(torch.equal(v, straight["trainable"][k]) for k, v in resumed["trainable"].items())
+    assert resumed["model"].keys() == straight["model"].keys()
+    assert all(torch.equal(v, straight["model"][k]) for k, v in resumed["model"].items())
     timeless = [[{k: v for k, v in row.items() if k != "seconds"} for row in s["history"]] for s in (resumed, straight)]
     assert timeless[0] == timeless[1]
 
@@ -245,10 +252,12 @@ def test_a_failed_run_leaves_no_output(nuclei, tmp_path, monkeypatch):
         raise RuntimeError("interrupted")
 
     monkeypatch.setattr(ft, "_train_epoch", broken)
+    model = biosam.load_model("lite_medsam", device="cpu")
+    model.precision = "bf16"
     with pytest.raises(RuntimeError, match="interrupted"):
-        finetune_sam(biosam.load_model("lite_medsam", device="cpu"), _pairs(nuclei)[:1], [], tmp_path / "m.pt",
-                     FinetuneSettings(lora_rank=2), progress=False)
+        finetune_sam(model, _pairs(nuclei)[:1], [], tmp_path / "m.pt", FinetuneSettings(lora_rank=2), progress=False)
     assert list(tmp_path.iterdir()) == []
+    assert model.precision == "bf16"  # trained in fp32, the model gets its own precision back however training ends
 
 
 def _bad_case(root, kind):

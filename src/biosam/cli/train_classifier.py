@@ -9,9 +9,15 @@ from pathlib import Path
 import click
 import numpy as np
 
-from biosam.cli.common import input_options
+from biosam.automatic.run import MODES
+from biosam.cli.train_options import train_options
 from biosam.errors import InputError
-from biosam.prompting.intensity import INTENSITY_PRESETS
+from biosam.io.voxel_size import VoxelSize
+from biosam.tomogram.vesicles import CANDIDATE_METHODS
+from biosam.train.classifier import LABEL_TYPES, ClassifierSettings
+
+# The decoder method finds vesicles without slab candidates: it leaves nothing for a classifier to sort.
+_SORTED_METHODS = tuple(m for m in CANDIDATE_METHODS if m != "decoder")
 
 
 def _files(images: Path, labels: Path) -> list[tuple[Path, Path]]:
@@ -25,10 +31,9 @@ def _files(images: Path, labels: Path) -> list[tuple[Path, Path]]:
     raise InputError(f"--images {images} and --labels {labels} must both be files or both folders (and exist).")
 
 
-def _read(path: Path, voxel_size: float | None) -> tuple[np.ndarray, tuple | None]:
-    """A 2D image (any channels) or a (Z, Y, X) volume with its voxel size in Å."""
-    from biosam.cli.tomogram import voxel_size_of, zyx_volume
-    from biosam.io import read_image
+def _read(path: Path, voxel_size: float | None) -> tuple[np.ndarray, VoxelSize | None]:
+    """A 2D image (any channels) or a (Z, Y, X) volume with its voxel size."""
+    from biosam.io import read_image, voxel_size_of, zyx_volume
 
     data, meta = read_image(path)
     if "Z" in meta.axes and meta.shape[meta.axes.index("Z")] > 1:
@@ -62,43 +67,36 @@ def _json_entries(path: Path) -> list[dict]:
 
 
 @click.command("classifier")
-@click.option("--images", type=click.Path(path_type=Path), default=None,
-              help="Training image or tomogram, or a folder of them.")
-@click.option("--labels", type=click.Path(path_type=Path), default=None,
-              help="Label image(s) for --images (same file names in a folder): instances, or classes with --label-type.")
+@train_options(ClassifierSettings, resume=False, data_required=False, help={
+    "images": "Training image or tomogram, or a folder of them.",
+    "labels": "Label image(s) for --images (same file names in a folder): instances, or classes with --label-type.",
+    "output": "Classifier checkpoint (.pt).",
+    "val_fraction": "Share of the images (or, with one image, of the candidates) held out for validation.",
+    "patience": "Stop after this many epochs without a better validation macro-F1.",
+    "batch_size": "Candidates per training step (at least 2).",
+})
 @click.option("--labelled", "labelled", type=click.Path(path_type=Path), default=None,
               help='JSON list of candidates a user labelled: [{"image": ..., "masks": ..., "mask_id": N, "class": NAME, '
                    '"z": optional slice}, ...]; masks is a label image (e.g. from `biosam auto`); classes must include background.')
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Classifier checkpoint (.pt).")
 @click.option("--classes", default=None, metavar="NAME,...",
               help="Class names for values 0, 1, ... of the labels; the first is background "
                    "[default: background,object; with --labelled: from the JSON].")
-@click.option("--label-type", type=click.Choice(["instances", "classes"]), default="instances", show_default=True,
+@click.option("--label-type", type=click.Choice(LABEL_TYPES), default="instances", show_default=True,
               help="instances: every labelled object is class 1; classes: pixel values are class indices.")
-@click.option("--mode", type=click.Choice(["ais", "amg"]), default="ais", show_default=True,
+@click.option("--mode", type=click.Choice(MODES), default="ais", show_default=True,
               help="2D images: how `biosam auto` finds the candidates.")
-@click.option("--intensity", type=click.Choice(INTENSITY_PRESETS), default="auto", show_default=True,
-              help="2D images: intensity normalisation (as `biosam auto --intensity`).")
-@click.option("--method", type=click.Choice(["lumen", "hough", "amg"]), default="lumen", show_default=True,
+@click.option("--method", type=click.Choice(_SORTED_METHODS), default="lumen", show_default=True,
               help="Tomograms: slab candidate method (as `biosam tomogram --method`).")
 @click.option("--multi-slab", type=click.IntRange(1), default=5, show_default=True,
               help="Tomograms: candidates from N slabs at evenly spaced depths.")
 @click.option("--slab-thickness", type=click.IntRange(1), default=11, show_default=True)
 @click.option("--voxel-size", type=float, default=None, help="Tomograms: voxel size in Å when the header has none.")
-@click.option("--epochs", default=60, show_default=True, type=click.IntRange(1))
-@click.option("--patience", default=15, show_default=True, type=click.IntRange(1),
-              help="Stop after this many epochs without a better validation macro-F1.")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(2))
-@click.option("--lr", default=5e-4, show_default=True, type=float)
-@click.option("--variants", default=4, show_default=True, type=click.IntRange(1),
+@click.option("--variants", default=ClassifierSettings.variants, show_default=True, type=int,
               help="Encoded versions of each training candidate (the first as is, the others augmented).")
-@click.option("--val-fraction", default=0.2, show_default=True, type=click.FloatRange(0, 0.9),
-              help="Share of the images (or, with one image, of the candidates) held out for validation.")
-@click.option("--ema/--no-ema", default=True, show_default=True, help="Keep an exponential moving average of the weights.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--ema/--no-ema", default=ClassifierSettings.ema, show_default=True,
+              help="Keep an exponential moving average of the weights.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
               help="Cache of candidates and features [default: OUTPUT's name + _cache next to it].")
-@input_options(only=("model", "device", "as_json", "overwrite"))
 def classifier(images, labels, labelled, output, classes, label_type, model, mode, intensity, method, multi_slab,
                slab_thickness, voxel_size, epochs, patience, batch_size, lr, variants, val_fraction, ema, seed,
                cache_dir, device, overwrite, as_json) -> None:
@@ -110,12 +108,12 @@ def classifier(images, labels, labelled, output, classes, label_type, model, mod
     lists candidates a user sorted by hand. Writes OUTPUT, OUTPUT.metrics.json
     (per-class precision, recall, F1, confusion matrix on held-out data) and
     OUTPUT.curves.png; use it with `biosam auto --classifier` or
-    `biosam tomogram --classifier`.
+    `biosam tomogram --classifier`. --intensity applies to 2D images (as
+    `biosam auto --intensity`).
     """
     from biosam.automatic.run import AutoSettings
-    from biosam.io.files import check_output_path
-    from biosam.tomogram.pipeline import VesicleSettings
-    from biosam.train.classifier import ClassifierSettings
+    from biosam.tomogram.vesicles import VesicleSettings
+    from biosam.train.classifier import check_outputs
 
     if (images is None) != (labels is None):
         raise click.UsageError("--images and --labels go together.")
@@ -123,9 +121,7 @@ def classifier(images, labels, labelled, output, classes, label_type, model, mod
         raise click.UsageError("give training data: --images with --labels, or --labelled candidates.json.")
     if images is not None and labelled is not None:
         raise click.UsageError("give either --images/--labels or --labelled, not both.")
-    check_output_path(output, (".pt",), overwrite)
-    for extra in (output.with_suffix(".metrics.json"), output.with_suffix(".curves.png")):
-        check_output_path(extra, (extra.suffix,), overwrite)
+    check_outputs(output, overwrite)
     settings = ClassifierSettings(epochs=epochs, patience=patience, batch_size=batch_size, lr=lr, variants=variants,
                                   val_fraction=val_fraction, ema=ema, seed=seed)
     vesicles = VesicleSettings(method=method, n_slabs=multi_slab, slab_thickness=slab_thickness)
@@ -185,7 +181,7 @@ def _label_jobs(pairs, class_names, label_type, voxel_size, settings, auto, vesi
     jobs = []
     for image_path, label_path in pairs:
         image, spacing = _read(image_path, voxel_size)
-        truth, _ = _read(label_path, spacing[0] if spacing else None)
+        truth, _ = _read(label_path, spacing.z if spacing else None)
         volume = spacing is not None
         kinds.add("tomogram" if volume else "image")
         _check_same_size(image, truth, image_path, label_path, volume)
@@ -197,8 +193,8 @@ def _label_jobs(pairs, class_names, label_type, voxel_size, settings, auto, vesi
                    "candidates": candidate_settings, "label_type": label_type, "crop": settings.crop.to_dict(),
                    "match": (settings.match_iou, settings.ignore_iou)}
             if spacing is not None:
-                make = lambda: tomogram_candidates(predictor, image, spacing, instances, classes, "", settings,  # noqa: E731
-                                                   vesicles)
+                make = lambda: tomogram_candidates(predictor, image, spacing, instances, classes, "",  # noqa: E731
+                                                   settings, vesicles)
             else:
                 make = lambda: image_candidates(predictor, image, instances, classes, "", settings, auto)  # noqa: E731
             return cached_candidates(make, key, image_path.name, cache_dir)
@@ -212,11 +208,10 @@ def _label_jobs(pairs, class_names, label_type, voxel_size, settings, auto, vesi
 
 def _labelled_jobs(entries, class_names, vesicles, intensity, voxel_size, settings):
     """One job per image of a user's labelled-candidates JSON."""
-    import math
-
     from biosam.automatic.run import to_uint8
+    from biosam.tomogram.candidates import sam_view
+    from biosam.tomogram.slabs import contrast_window, slab_image
     from biosam.train.classifier import LabelledCandidates, crop_candidates
-    from biosam.tomogram.pipeline import sam_view, slab_image
 
     by_image: dict[tuple, list[dict]] = {}
     for entry in entries:
@@ -224,7 +219,7 @@ def _labelled_jobs(entries, class_names, vesicles, intensity, voxel_size, settin
     kinds, jobs = set(), []
     for (image_path, masks_path), items in by_image.items():
         image, spacing = _read(image_path, voxel_size)
-        masks, _ = _read(masks_path, spacing[0] if spacing else None)
+        masks, _ = _read(masks_path, spacing.z if spacing else None)
         volume = spacing is not None
         kinds.add("tomogram" if volume else "image")
         _check_same_size(image, masks, image_path, masks_path, volume)
@@ -236,9 +231,8 @@ def _labelled_jobs(entries, class_names, vesicles, intensity, voxel_size, settin
                                  f"'{item['class']}'); check the mask_id values.")
             if volume:
                 z = int(item["z"]) if "z" in item else int(np.argmax(mask.reshape(len(mask), -1).sum(1)))
-                pixel_nm = math.sqrt(spacing[1] * spacing[2]) / 10.0
-                view = sam_view(slab_image(image, z, vesicles.slab_thickness, vesicles.background_nm / pixel_nm),
-                                vesicles)
+                window = contrast_window(vesicles.background_nm, spacing)
+                view = sam_view(slab_image(image, z, vesicles.slab_thickness, window), vesicles)
                 mask = mask[z]
             else:
                 view = to_uint8(image, intensity)

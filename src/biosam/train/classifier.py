@@ -32,12 +32,23 @@ import torch
 import torch.nn.functional as F
 import xxhash
 from skimage.measure import label as connected_components
-from tqdm.auto import tqdm
 
 from biosam.classify.classifier import BACKGROUND, Classifier, save_classifier
 from biosam.classify.features import CropSettings, as_rgb, augment, crops, masked_features
 from biosam.classify.head import MaskClassifier
 from biosam.errors import InputError
+from biosam.models.info import hash_file
+from biosam.settings import check, positive, rule, whole, within
+from biosam.train.harness import (
+    DEFAULT_VAL_FRACTION,
+    RunState,
+    check_output,
+    progress_bar,
+    run_epochs,
+    save_atomic,
+    split,
+    val_fraction_rule,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +75,7 @@ class ClassifierSettings:
     ema: bool = True
     ema_decay: float = 0.99
     variants: int = 4
-    val_fraction: float = 0.2
+    val_fraction: float = DEFAULT_VAL_FRACTION
     dropout: float = 0.2
     match_iou: float = 0.5
     ignore_iou: float = 0.2
@@ -72,17 +83,20 @@ class ClassifierSettings:
     crop: CropSettings = field(default_factory=CropSettings)
 
     def __post_init__(self) -> None:
-        checks = {
-            "epochs >= 1": self.epochs >= 1, "patience >= 1": self.patience >= 1,
-            "batch_size >= 2": self.batch_size >= 2, "lr > 0": self.lr > 0,
-            "weight_decay >= 0": self.weight_decay >= 0, "focal_gamma >= 0": self.focal_gamma >= 0,
-            "0 < ema_decay < 1": 0 < self.ema_decay < 1, "variants >= 1": self.variants >= 1,
-            "0 <= val_fraction < 1": 0 <= self.val_fraction < 1, "0 <= dropout < 1": 0 <= self.dropout < 1,
-            "0 <= ignore_iou <= match_iou <= 1": 0 <= self.ignore_iou <= self.match_iou <= 1,
-        }
-        broken = [rule for rule, ok in checks.items() if not ok]
-        if broken:
-            raise InputError(f"classifier settings break {', '.join(broken)}.")
+        check("classifier settings", [
+            whole("epochs", self.epochs, 1),
+            whole("patience", self.patience, 1),
+            whole("batch_size", self.batch_size, 2),  # BatchNorm needs two samples
+            positive("lr", self.lr),
+            within("weight_decay", self.weight_decay, 0.0, math.inf),
+            within("focal_gamma", self.focal_gamma, 0.0, math.inf),
+            rule(0 < self.ema_decay < 1, f"ema_decay must lie in (0, 1), got {self.ema_decay!r}"),
+            whole("variants", self.variants, 1),
+            val_fraction_rule(self.val_fraction),
+            rule(0 <= self.dropout < 1, f"dropout must lie in [0, 1), got {self.dropout!r}"),
+            rule(0 <= self.ignore_iou <= self.match_iou <= 1,
+                 f"need 0 <= ignore_iou <= match_iou <= 1, got {self.ignore_iou!r} and {self.match_iou!r}"),
+        ])
 
 
 @dataclass
@@ -192,18 +206,25 @@ def image_candidates(predictor, image: np.ndarray, truth: np.ndarray, classes: d
     return LabelledCandidates(name, crop_candidates(to_uint8(image, auto.intensity), masks, settings.crop), labels)
 
 
-def tomogram_candidates(predictor, volume: np.ndarray, voxel_size: tuple[float, float, float], truth: np.ndarray,
+def tomogram_candidates(predictor, volume: np.ndarray, voxel_size, truth: np.ndarray,
                         classes: dict[int, int], name: str, settings: ClassifierSettings,
                         vesicles=None) -> LabelledCandidates:
-    """Slab candidates of ``biosam tomogram`` (on each of its slabs), labelled by overlap with the truth at the slab centre."""
-    from biosam.tomogram.pipeline import VesicleSettings, find_candidates, sam_view, slab_centres, slab_image
+    """Slab candidates of ``biosam tomogram`` (on each of its slabs), labelled by overlap with the truth at the slab centre.
+
+    ``voxel_size`` is anything :meth:`biosam.io.voxel_size.VoxelSize.of` takes (Å).
+    """
+    from biosam.io.voxel_size import VoxelSize
+    from biosam.tomogram.candidates import find_candidates, sam_view
+    from biosam.tomogram.slabs import contrast_window, slab_centres, slab_image
+    from biosam.tomogram.vesicles import VesicleSettings
 
     vesicles = vesicles or VesicleSettings()
-    pixel_nm = math.sqrt(voxel_size[1] * voxel_size[2]) / 10.0
+    voxel = VoxelSize.of(voxel_size)
+    window = contrast_window(vesicles.background_nm, voxel)
     pairs, labels = [], []
     for z in slab_centres(volume.shape[0], vesicles):
-        slab = slab_image(volume, z, vesicles.slab_thickness, vesicles.background_nm / pixel_nm)
-        found = find_candidates(predictor, slab, pixel_nm, vesicles)
+        slab = slab_image(volume, z, vesicles.slab_thickness, window)
+        found = find_candidates(predictor, slab, voxel.pixel_nm, vesicles)
         labels.append(match_classes(list(found.masks), truth[z], classes, settings.match_iou, settings.ignore_iou))
         pairs += crop_candidates(sam_view(slab, vesicles), list(found.masks), settings.crop)
     return LabelledCandidates(name, pairs, np.concatenate(labels) if labels else np.zeros(0, np.int64))
@@ -220,9 +241,7 @@ def file_digest(*paths: str | os.PathLike) -> str:
         for item in sorted(path.rglob("*")) if path.is_dir() else [path]:
             if item.is_file():
                 h.update(item.name.encode())
-                with open(item, "rb") as fh:
-                    while chunk := fh.read(1 << 24):
-                        h.update(chunk)
+                hash_file(h, item)
     return h.hexdigest()
 
 
@@ -274,15 +293,12 @@ def source_features(model: torch.nn.Module, source: LabelledCandidates, crop: Cr
         pairs.append((crop_rgb, mask))
         pairs += [augment(crop_rgb, mask, rng) for _ in range(variants - 1)]
     features = []
-    for start in tqdm(range(0, len(pairs), 32), desc=f"features {source.name}", leave=False, unit="batch"):
+    for start in progress_bar(range(0, len(pairs), 32), desc=f"features {source.name}", leave=False, unit="batch"):
         features.append(masked_features(model, pairs[start : start + 32], crop).half())
     out = torch.cat(features).reshape(len(source.pairs), variants, *features[0].shape[1:]) if features else \
         torch.zeros(0, variants, 512, crop.pooled, crop.pooled, dtype=torch.float16)
     if path is not None:
-        from biosam.io.files import atomic_path
-
-        with atomic_path(path) as tmp:
-            torch.save(out, tmp)
+        save_atomic(path, out)
     return out
 
 
@@ -318,13 +334,9 @@ def classification_metrics(truth: np.ndarray, predicted: np.ndarray, classes: Se
 
 def _split(sources: list[LabelledCandidates], fraction: float, seed: int) -> tuple[list, list]:
     """Held-out sources (whole images/tomograms), or with a single source a stratified share of its candidates."""
+    if fraction == 0 or len(sources) != 1:
+        return split(sources, fraction, seed)
     rng = np.random.default_rng(seed)
-    if fraction == 0:
-        return sources, []
-    if len(sources) > 1:
-        order = rng.permutation(len(sources))
-        n_val = min(max(1, round(fraction * len(sources))), len(sources) - 1)
-        return [sources[i] for i in sorted(order[n_val:])], [sources[i] for i in sorted(order[:n_val])]
     (only,) = sources
     val_idx = []
     for c in np.unique(only.labels):
@@ -418,17 +430,14 @@ def train_classifier(
     precision, recall, F1 and confusion matrix of the kept epoch on the
     validation candidates) and ``<output stem>.curves.png``.
     """
-    from biosam.io.files import atomic_path, check_output_path
+    from biosam.io.files import atomic_path
 
     settings = settings or ClassifierSettings()
     classes = list(classes)
     if len(classes) < 2 or classes[0] != BACKGROUND or len(set(classes)) != len(classes):
         raise InputError(f"classes must be distinct names starting with '{BACKGROUND}', got {classes}.")
     output = Path(output)
-    metrics_path, curves_path = output.with_suffix(".metrics.json"), output.with_suffix(".curves.png")
-    check_output_path(output, (".pt",), overwrite)
-    for extra in (metrics_path, curves_path):
-        check_output_path(extra, (extra.suffix,), overwrite)
+    metrics_path, curves_path = check_outputs(output, overwrite)
     start_time = time.perf_counter()
     sources = [s.usable() for s in sources]
     if val_sources is None:
@@ -464,11 +473,10 @@ def train_classifier(
     averaged = WeightAverage(head, settings.ema_decay) if settings.ema else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     n, variants = x_train.shape[:2]
-    best: dict | None = None
-    history: list[dict] = []
-    stale = 0
-    bar = tqdm(range(1, settings.epochs + 1), desc="classifier", disable=not progress, unit="epoch")
-    for epoch in bar:
+    latest: dict = {}
+    best: dict = {}
+
+    def epoch(number: int) -> tuple[dict, tuple[float, float]]:
         head.train()
         order = torch.randperm(n, generator=generator)
         losses = []
@@ -490,19 +498,20 @@ def train_classifier(
         judged = averaged.module if averaged is not None else head
         val_loss, predicted = _evaluate(judged, x_val, y_val, weight, settings.focal_gamma, device)
         metrics = classification_metrics(y_val.numpy(), predicted, classes)
-        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
-                        "val_loss": val_loss, "val_macro_f1": metrics["macro_f1"]})
-        bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", f1=f"{metrics['macro_f1']:.3f}")
-        better = best is None or (metrics["macro_f1"], -val_loss) > (best["metrics"]["macro_f1"], -best["val_loss"])
-        if better:
-            best = {"epoch": epoch, "metrics": metrics, "val_loss": val_loss,
-                    "state": {k: v.detach().cpu().clone() for k, v in judged.state_dict().items()}}
-            stale = 0
-        else:
-            stale += 1
-            if stale >= settings.patience:
-                logger.info("no better validation macro-F1 for %d epochs: stopping after epoch %d", stale, epoch)
-                break
+        latest.update(judged=judged, metrics=metrics)
+        row = {"epoch": number, "train_loss": float(np.mean(losses)) if losses else float("nan"),
+               "val_loss": val_loss, "val_macro_f1": metrics["macro_f1"]}
+        # the best macro-F1; of equal ones, the lowest validation loss
+        return row, (metrics["macro_f1"], -val_loss)
+
+    def on_best(number: int) -> None:
+        best.update(epoch=number, metrics=latest["metrics"],
+                    state={k: v.detach().cpu().clone() for k, v in latest["judged"].state_dict().items()})
+
+    run = RunState()
+    run_epochs(run, settings.epochs, epoch, patience=settings.patience, on_best=on_best, desc="classifier",
+               progress=progress)
+    history = run.history
 
     final = MaskClassifier(len(classes), in_channels=x_train.shape[2], dropout=settings.dropout)
     final.load_state_dict(best["state"])
@@ -522,6 +531,17 @@ def train_classifier(
     save_classifier(output, classifier)
     return ClassifierResult(output, metrics_path, curves_path, classifier, best["epoch"], len(history),
                             best["metrics"], history, time.perf_counter() - start_time)
+
+
+def check_outputs(output: str | os.PathLike, overwrite: bool) -> tuple[Path, Path]:
+    """Refuse, before any work, outputs that exist (unless ``overwrite``) or cannot be written: the checkpoint
+    ``output`` and the metrics and curves beside it; returns the paths of those two."""
+    output = Path(output)
+    extras = output.with_suffix(".metrics.json"), output.with_suffix(".curves.png")
+    check_output(output, overwrite)
+    for extra in extras:
+        check_output(extra, overwrite, (extra.suffix,))
+    return extras
 
 
 def plot_curves(history: list[dict], best_epoch: int, path: str | os.PathLike) -> None:

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import xxhash
-from tqdm.auto import tqdm
 
 from biosam.automatic.ais import encoder_info, maps_from_embedding, save_decoder
 from biosam.automatic.data import dihedral, distance_targets, read_pair
@@ -37,13 +36,31 @@ from biosam.automatic.tiling import MapStitcher, Tile, tile_grid
 from biosam.errors import InputError
 from biosam.evaluate import aggregate, instance_counts
 from biosam.prompting.intensity import normalize_intensity, resolve_preset
-from biosam.train.augment import augment_intensity
-from biosam.prompting.store import image_hash
 from biosam.prompting.preprocess import Frame, model_input
+from biosam.prompting.store import image_hash
+from biosam.settings import check, positive, rule, whole, within
+from biosam.train.augment import augment_intensity
+from biosam.train.harness import (
+    RESUME_SUFFIX,
+    ResumeFile,
+    RunState,
+    check_output,
+    data_signature,
+    optional,
+    progress_bar,
+    resume_path,
+    run_epochs,
+)
 
 logger = logging.getLogger(__name__)
 
-RESUME_SUFFIX = ".resume"
+# resume_path and RESUME_SUFFIX are the harness's; scripts know them from here
+__all__ = ["RESUME_SUFFIX", "EmbeddingCache", "TrainResult", "TrainSettings", "decoder_loss", "evaluate_decoder",
+           "resume_path", "size_scale", "train_decoder", "tune_postprocessing", "typical_object_size",
+           "validation_images"]
+
+# settings a resumed run may change: more epochs or patience
+_FREE_ON_RESUME = ("epochs", "patience")
 _TUNING_GRID = {
     "foreground_threshold": (0.3, 0.4, 0.5, 0.6, 0.7),
     "center_threshold": (0.3, 0.4, 0.5, 0.6, 0.7),
@@ -105,28 +122,27 @@ class TrainSettings:
         crops = (crops,) * len(self.scales) if isinstance(crops, int) else tuple(crops)
         object.__setattr__(self, "crops_per_image", crops)
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
-        checks = [
-            (self.epochs >= 1, "epochs must be at least 1"),
-            (self.patience >= 1, "patience must be at least 1"),
-            (self.tile is None or self.tile >= 32, "tile must be at least 32 px"),
-            (self.halo >= 0, "halo cannot be negative"),
-            (len(crops) == len(self.scales), "give one crops_per_image count per scale"),
-            (all(0 < s <= 4 for s in self.scales), "scales must lie in (0, 4]"),
-            (self.object_size is None or self.object_size >= 4, "object_size must be at least 4 px"),
-            (0 <= self.augment <= 1, "augment must lie in [0, 1]"),
-            (all(c >= 0 for c in crops) and sum(crops) > 0, "crops_per_image must be >= 0 and not all 0"),
-            (1 <= self.variants <= 8, "variants must be between 1 and 8 (the rotations and flips of a square)"),
-            (self.window >= 4, "window must be at least 4 embedding pixels"),
-            (self.batch_size >= 1, "batch_size must be at least 1"),
-            (self.lr > 0, "lr must be positive"),
-            (0 <= self.feature_dropout < 1, "feature_dropout must lie in [0, 1)"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise InputError(f"training settings: {message}.")
+        check("training settings", [
+            whole("epochs", self.epochs, 1),
+            whole("patience", self.patience, 1),
+            optional(self.tile, whole("tile", self.tile, 32)),
+            whole("halo", self.halo, 0),
+            rule(len(crops) == len(self.scales), "give one crops_per_image count per scale"),
+            rule(all(0 < s <= 4 for s in self.scales), f"scales must lie in (0, 4], got {self.scales}"),
+            optional(self.object_size, within("object_size", self.object_size, 4, math.inf)),
+            within("augment", self.augment, 0.0, 1.0),
+            rule(all(c >= 0 for c in crops) and sum(crops) > 0, "crops_per_image must be >= 0 and not all 0"),
+            rule(whole("variants", self.variants, 1)[0] and self.variants <= 8,
+                 f"variants must be between 1 and 8 (the rotations and flips of a square), got {self.variants!r}"),
+            whole("window", self.window, 4),  # embedding pixels
+            whole("batch_size", self.batch_size, 1),
+            positive("lr", self.lr),
+            rule(0 <= self.feature_dropout < 1, f"feature_dropout must lie in [0, 1), got {self.feature_dropout!r}"),
+        ])
         resolve_preset(self.intensity, np.dtype(np.uint16))  # validates the preset name
 
     def to_dict(self) -> dict:
+        """The settings as plain types (tuples as lists), as checkpoints and resume files record them."""
         data = asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
 
@@ -155,7 +171,7 @@ class EmbeddingCache:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         info = model.info
-        precision = getattr(model, "precision", "fp32")
+        precision = model.precision
         # fp32 keys stay as they were, so existing caches remain valid
         self._prefix = f"{info.checkpoint_hash}|{info.preprocessing}|{model.image_size}|" + (
             "" if precision == "fp32" else f"{precision}|")
@@ -215,7 +231,7 @@ class _ValImage:
 def _training_samples(model, pairs, settings: TrainSettings, tile: int, cache: EmbeddingCache, progress: bool):
     size = model.image_size
     samples, diameters = [], []
-    bar = tqdm(pairs, desc="embedding training tiles", unit="image", disable=not progress)
+    bar = progress_bar(pairs, desc="embedding training tiles", enabled=progress, unit="image")
     seen: dict[int, int] = {}
     for image_path, label_path in bar:
         # Random crops depend on the image and how often it was listed before, not on its place in the
@@ -304,7 +320,7 @@ def validation_images(
     diameter; :func:`evaluate_decoder` brings the maps back to the label size.
     """
     out = []
-    bar = tqdm(pairs, desc="embedding validation tiles", unit="image", disable=not progress)
+    bar = progress_bar(pairs, desc="embedding validation tiles", enabled=progress, unit="image")
     for image_path, label_path in bar:
         image, labels = read_pair(image_path, label_path)
         rgb = normalize_intensity(image, intensity)
@@ -403,7 +419,8 @@ def tune_postprocessing(
         return s["f1"] + s["msa"]
 
     best, best_score = start, score(start)
-    bar = tqdm(total=sum(len(v) for v in _TUNING_GRID.values()), desc="tuning post-processing", disable=not progress)
+    bar = progress_bar(total=sum(len(v) for v in _TUNING_GRID.values()), desc="tuning post-processing",
+                       enabled=progress)
     for name, values in _TUNING_GRID.items():
         for value in values:
             bar.update()
@@ -417,24 +434,6 @@ def tune_postprocessing(
     return best, best_score
 
 
-def resume_path(output: str | os.PathLike) -> Path:
-    """Where :func:`train_decoder` keeps the state it resumes from."""
-    output = Path(output)
-    return output.with_name(output.name + RESUME_SUFFIX)
-
-
-def _resumable(settings: dict) -> dict:
-    """Settings that must match to resume (more epochs or patience may be given)."""
-    return {k: v for k, v in settings.items() if k not in ("epochs", "patience")}
-
-
-def _data_signature(pairs, val_pairs) -> str:
-    h = xxhash.xxh3_64()
-    for p in [*pairs, None, *val_pairs]:
-        h.update(repr(p and (str(p[0]), str(p[1]))).encode())
-    return h.hexdigest()
-
-
 def train_decoder(
     model: torch.nn.Module,
     train_pairs: list[tuple[Path, Path]],
@@ -444,37 +443,29 @@ def train_decoder(
     cache_dir: str | os.PathLike | None = None,
     resume: bool = False,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train an instance decoder for ``model`` and write the best checkpoint to ``output``.
 
     ``train_pairs`` / ``val_pairs`` are ``(image_path, label_path)`` lists (label
     images or binary masks). Embeddings are cached in ``cache_dir`` (default: a
     folder next to ``output``). With ``resume`` the run continues from the state
-    left by an earlier call with the same data and settings. Without validation
-    pairs the epoch with the lowest training loss is kept.
+    left by an earlier call with the same data and settings (and may replace
+    ``output``); otherwise an existing ``output`` is refused unless ``overwrite``.
+    Without validation pairs the epoch with the lowest training loss is kept.
     """
     started = time.perf_counter()
     settings = settings or TrainSettings()
     output = Path(output)
+    check_output(output, overwrite or resume)
     if not train_pairs:
         raise InputError("no training images given.")
     tile = settings.tile or model.image_size
     size = model.image_size
     config = config_for(size, model.config.image_embedding_size, settings.features)
     cache = EmbeddingCache(model, cache_dir or output.with_name(f"{output.stem}_embeddings"))
-    state_path = resume_path(output)
-    signature = _data_signature(train_pairs, val_pairs)
-    state = None
-    if resume:
-        if not state_path.is_file():
-            raise InputError(f"--resume: no saved training state at {state_path}; start without --resume.")
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        if state["data"] != signature or _resumable(state["settings"]) != _resumable(settings.to_dict()):
-            raise InputError(
-                f"--resume: {state_path} was saved for other images or settings; use the same options or start anew."
-            )
-    elif state_path.exists():
-        logger.info("starting anew: replacing %s", state_path)
+    saved = ResumeFile(output, data_signature(train_pairs, val_pairs), settings.to_dict(), _FREE_ON_RESUME)
+    state = saved.load(resume)
 
     samples, object_size = _training_samples(model, train_pairs, settings, tile, cache, progress)
     val_items = validation_images(model, val_pairs, tile, settings.halo, settings.intensity, cache, progress,
@@ -487,30 +478,22 @@ def train_decoder(
     decoder = InstanceDecoder(config).to(device)
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=settings.lr, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs, eta_min=settings.lr / 20)
-    history: list[dict] = []
-    best = {"epoch": 0, "score": -math.inf}
-    since_best, first_epoch = 0, 1
+    run = RunState()
     if state is not None:
-        decoder.load_state_dict(state["decoder"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history, best, since_best = state["history"], state["best"], state["since_best"]
-        first_epoch = state["epoch"] + 1
-        logger.info("resuming after epoch %d (best so far: epoch %d)", state["epoch"], best["epoch"])
+        decoder.load_state_dict(state["model"])
+        run = saved.restore(state, optimizer, scheduler)
 
     params = PostProcessing()
     info = {"encoder": encoder_info(model), "intensity": settings.intensity, "normalisation": "whole image",
             "tile": tile, "halo": settings.halo, "object_size": object_size, "postprocessing": params.to_dict()}
     steps = settings.steps_per_epoch or max(1, math.ceil(len(samples) / settings.batch_size))
-    epochs_bar = tqdm(range(first_epoch, settings.epochs + 1), desc="epochs", unit="epoch", disable=not progress,
-                      initial=first_epoch - 1, total=settings.epochs)
-    stopped_early = since_best >= settings.patience
-    for epoch in ([] if stopped_early else epochs_bar):
-        gen = torch.Generator().manual_seed(settings.seed * 100003 + epoch)
+
+    def epoch(n: int) -> tuple[dict, float]:
+        gen = torch.Generator().manual_seed(settings.seed * 100003 + n)
         decoder.train()
         order = torch.randperm(len(samples), generator=gen).tolist()
         losses = []
-        step_bar = tqdm(range(steps), desc=f"epoch {epoch}", leave=False, disable=not progress)
+        step_bar = progress_bar(range(steps), desc=f"epoch {n}", enabled=progress, leave=False)
         for step in step_bar:
             start = (step * settings.batch_size) % len(samples)
             indices = [order[(start + j) % len(order)] for j in range(settings.batch_size)]
@@ -522,28 +505,21 @@ def train_decoder(
             losses.append(loss.item())
             step_bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         scheduler.step()
-        row = {"epoch": epoch, "loss": float(np.mean(losses))}
-        if val_items:
-            scores, _ = evaluate_decoder(decoder, val_items, params)
-            row |= {"val_f1": scores["f1"], "val_msa": scores["msa"]}
-            score = scores["f1"] + scores["msa"]
-        else:
-            score = -row["loss"]
-        history.append(row)
-        if score > best["score"]:
-            best, since_best = {"epoch": epoch, "score": score}, 0
-            save_decoder(output, decoder, {**info, "training": {"epoch": epoch, "history": history}})
-        else:
-            since_best += 1
-        logger.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "epoch"))
-        epochs_bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k != "epoch"} | {"best": best["epoch"]})
-        torch.save({"epoch": epoch, "decoder": decoder.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "history": history, "best": best, "since_best": since_best,
-                    "data": signature, "settings": settings.to_dict()}, state_path)
-        if since_best >= settings.patience:
-            logger.info("no improvement for %d epochs: stopping early", since_best)
-            break
-    epochs_bar.close()
+        row = {"epoch": n, "loss": float(np.mean(losses))}
+        if not val_items:
+            return row, -row["loss"]
+        scores, _ = evaluate_decoder(decoder, val_items, params)
+        row |= {"val_f1": scores["f1"], "val_msa": scores["msa"]}
+        return row, scores["f1"] + scores["msa"]
+
+    def on_best(n: int) -> None:
+        save_decoder(output, decoder, {**info, "training": {"epoch": n, "history": run.history}})
+
+    def after_epoch(n: int) -> None:
+        saved.save(run, optimizer, scheduler, decoder.state_dict())
+
+    run_epochs(run, settings.epochs, epoch, patience=settings.patience, on_best=on_best, after_epoch=after_epoch,
+               progress=progress)
 
     from biosam.automatic.ais import load_decoder
 
@@ -554,10 +530,11 @@ def train_decoder(
         params, _ = tune_postprocessing(maps, [s.labels for s in samples], params, progress)
         logger.info("post-processing tuned on the training tiles: %s", params)
     validation, per_image = (evaluate_decoder(decoder, val_items, params) if val_items else (None, []))
-    training = {"epoch": best["epoch"], "history": history, "settings": settings.to_dict(),
+    best_epoch = run.best["epoch"]
+    training = {"epoch": best_epoch, "history": run.history, "settings": settings.to_dict(),
                 "train_images": [str(p[0]) for p in train_pairs], "val_images": [str(p[0]) for p in val_pairs],
                 "training_tiles": len(samples), "validation": validation, "validation_per_image": per_image,
                 "parameters": count_parameters(decoder)}
     save_decoder(output, decoder, {**info, "postprocessing": params.to_dict(), "training": training})
-    return TrainResult(output, best["epoch"], len(history), history, validation, params.to_dict(),
+    return TrainResult(output, best_epoch, len(run.history), run.history, validation, params.to_dict(),
                        count_parameters(decoder), time.perf_counter() - started, per_image)
