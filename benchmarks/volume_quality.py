@@ -46,6 +46,7 @@ from scipy import ndimage as ndi
 from skimage.measure import label as connected_components
 
 import biosam
+from biosam.prompting.prompts import mask_box
 from biosam.runtime import configure_cpu
 from biosam.volume import PropagationSettings, link_slices, segment_volume
 from biosam.volume.propagate import PROJECTIONS
@@ -80,11 +81,6 @@ def totalseg(kind: str):
     return load
 
 
-def box_of(mask: np.ndarray) -> np.ndarray:
-    ys, xs = np.nonzero(mask)
-    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], float)
-
-
 def largest_slice_prompts(labels: np.ndarray, min_slices: int, min_area: int) -> tuple[list[int], list[biosam.Prompt]]:
     """One box per object on the slice where it is largest (objects spanning >= min_slices, >= min_area px there)."""
     ids, prompts = [], []
@@ -96,7 +92,7 @@ def largest_slice_prompts(labels: np.ndarray, min_slices: int, min_area: int) ->
         if areas.max() < min_area:
             continue
         ids.append(i)
-        prompts.append(biosam.Prompt(box=box_of(labels[z] == i), z=z))
+        prompts.append(biosam.Prompt(box=mask_box(labels[z] == i), z=z))
     return ids, prompts
 
 
@@ -108,7 +104,7 @@ def oracle(predictor, volume, labels, ids, normalize) -> np.ndarray:
         if not present:
             continue
         predictor.set_image(normalize(np.asarray(volume[z])), intensity="none")
-        boxes = np.stack([box_of(labels[z] == i) for _, i in present])
+        boxes = np.stack([mask_box(labels[z] == i) for _, i in present])
         masks = predictor.predict(box=boxes).masks
         for (k, _), mask in sorted(zip(present, masks), key=lambda pm: -pm[1].sum()):
             out[z][mask & (out[z] == 0)] = k + 1
@@ -129,7 +125,7 @@ def second_prompts(labels: np.ndarray, ids: list[int], prompts: list[biosam.Prom
         z = int(present[np.abs(present - (prompt.z + (far - prompt.z) * 2 / 3)).argmin()])  # objects can skip slices
         out.append(biosam.Prompt(box=prompt.box, z=prompt.z, object=k))
         if z != prompt.z:
-            out.append(biosam.Prompt(box=box_of(labels[z] == i), z=z, object=k))
+            out.append(biosam.Prompt(box=mask_box(labels[z] == i), z=z, object=k))
     return out
 
 

@@ -22,14 +22,15 @@ from biosam.automatic import amg
 from biosam.automatic.amg import AmgSettings, automatic_mask_generation, generate_masks, masks_to_labels
 from biosam.automatic.rle import encode, encode_masks
 from biosam.errors import InputError
-from biosam.load import ModelInfo
+from biosam import ModelInfo
 from biosam.models import CONFIGS, build_sam
 from biosam.prompting.intensity import normalize_intensity
 from biosam.prompting.preprocess import Frame, model_input
 
 
-segment_anything = pytest.importorskip("segment_anything")
-pytest.importorskip("torchvision")  # Meta's generator uses torchvision's NMS
+from conftest import reference
+segment_anything = reference("segment_anything")
+reference("torchvision")  # Meta's generator uses torchvision's NMS
 from segment_anything import SamAutomaticMaskGenerator  # noqa: E402
 from segment_anything.utils import amg as meta_amg  # noqa: E402
 
@@ -231,13 +232,13 @@ def test_masks_to_labels_draws_small_over_large(dsb_nuclei):
 
 def test_settings_are_validated():
     with pytest.raises(InputError, match="pred_iou_thresh"):
-        AmgSettings(pred_iou_thresh=1.5).validate()
+        AmgSettings(pred_iou_thresh=1.5)
     with pytest.raises(InputError, match="points_per_side"):
-        AmgSettings(points_per_side=0).validate()
+        AmgSettings(points_per_side=0)
     with pytest.raises(InputError, match="prompt"):
-        AmgSettings(prompt="scribbles").validate()
+        AmgSettings(prompt="scribbles")
     with pytest.raises(InputError, match="crop layer"):
-        AmgSettings(points_per_side=4, crop_n_layers=3, crop_n_points_downscale_factor=2).validate()
+        AmgSettings(points_per_side=4, crop_n_layers=3, crop_n_points_downscale_factor=2)
 
 
 def test_empty_or_constant_image_gives_no_masks(lite_medsam):

@@ -128,9 +128,9 @@ def test_wrong_decoder_and_options_are_refused(tmp_path, nih_val):
     res = run("auto", path, "-o", out, "--object-size", 30, "--scale", 0.5)
     assert res.exit_code != 0 and "either scale or object_size" in res.output and not out.exists()
     res = run("auto", path, "-o", out, "--object-size", 0)
-    assert res.exit_code != 0 and "positive diameter" in res.output and not out.exists()
+    assert res.exit_code != 0 and "object_size (a diameter in pixels) must be > 0" in res.output and not out.exists()
     res = run("auto", path, "-o", out, "--scale", 10)
-    assert res.exit_code != 0 and "outside" in res.output and not out.exists()
+    assert res.exit_code != 0 and "scale must lie in [0.05, 4.0]" in res.output and not out.exists()
 
 
 def test_volume_objects_are_linked_in_3d(tmp_path, nih_val):

@@ -349,13 +349,15 @@ def test_zero_and_negative_numeric_options_are_refused(work, nuclei, no_model):
          "Invalid value for '--tile': 0 is not in the range x>=32"),
         (["auto", "gray.png", "-o", "out.tif", "--tile", "-256"], "'--tile'"),
         (["auto", "gray.png", "-o", "out.tif", "--halo", "-1"], "Invalid value for '--halo'"),
-        (["auto", "gray.png", "-o", "out.tif", "--tile", "64", "--halo", "32"], "needs a halo under 32 px"),
         (["auto", "gray.png", "-o", "out.tif", "--points-per-side", "0"], "Invalid value for '--points-per-side'"),
         (["auto", "gray.png", "-o", "out.tif", "--pred-iou-thresh", "1.5"], "Invalid value for '--pred-iou-thresh'"),
         (["tomogram", "tomo.tif", "-o", "out.mrc", "--multi-slab", "0"], "Invalid value for '--multi-slab'"),
     ]
     for args, needle in cases:
         refused(run(*args), needle, code=2)
+    # the library's own rule (one owner: biosam.automatic.tiling.tiles_rule), before the image is read
+    refused(run("auto", "gray.png", "-o", "out.tif", "--tile", "64", "--halo", "32"),
+            "tile 64 with halo 32: the tile must be larger than twice the halo")
     assert left(work, "gray.png", "tomo.tif") == []
 
 

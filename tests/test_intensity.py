@@ -29,8 +29,13 @@ def test_ct_windows_map_level_and_width(ct_hu, preset):
 
 
 def test_windows_differ_on_real_ct(ct_hu):
-    soft, lung = normalize_intensity(ct_hu, "ct-soft-tissue"), normalize_intensity(ct_hu, "ct-lung")
-    assert not np.array_equal(soft, lung)
+    """The soft-tissue window spreads soft tissue (0-100 HU) over ~4x the grey levels the lung window gives it,
+    and the two windows disagree on most of the slice (measured: 90% of pixels by more than 10 levels)."""
+    soft, lung = (normalize_intensity(ct_hu, p)[..., 0] for p in ("ct-soft-tissue", "ct-lung"))
+    tissue = (ct_hu > 0) & (ct_hu < 100)
+    assert tissue.mean() > 0.2
+    assert soft[tissue].std() > 3 * lung[tissue].std()
+    assert (np.abs(soft - lung) > 10).mean() > 0.8
 
 
 def test_minmax_none_and_auto():

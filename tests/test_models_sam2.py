@@ -24,7 +24,8 @@ from biosam.models.sam2.config import SAM2_CONFIGS, Sam2Config
 from biosam.models.sam2.model import DECODE_SIZE, Sam2
 from biosam.prompting.preprocess import Frame, logits_to_image, model_input
 
-sam2 = pytest.importorskip("sam2")
+from conftest import reference
+sam2 = reference("sam2")
 from sam2.build_sam import build_sam2  # noqa: E402
 from sam2.modeling.sam2_utils import get_1d_sine_pe  # noqa: E402
 from sam2.sam2_image_predictor import SAM2ImagePredictor  # noqa: E402

@@ -8,7 +8,8 @@ import torch
 from biosam.models.prompt_encoder import PromptEncoder
 from biosam.models.sam2.mask_decoder import Sam2MaskDecoder, build_sam2_heads, sam2_two_way_transformer
 
-sam2 = pytest.importorskip("sam2")
+from conftest import reference
+sam2 = reference("sam2")
 from sam2.modeling.sam.mask_decoder import MaskDecoder as RefMaskDecoder  # noqa: E402
 from sam2.modeling.sam.prompt_encoder import PromptEncoder as RefPromptEncoder  # noqa: E402
 from sam2.modeling.sam.transformer import TwoWayTransformer as RefTwoWayTransformer  # noqa: E402

@@ -13,7 +13,8 @@ import torch
 from biosam.models.sam2.hiera import HIERA_CONFIGS, Hiera, build_hiera
 from biosam.models.sam2.image_encoder import FpnNeck, Sam2ImageEncoder, build_sam2_image_encoder
 
-sam2 = pytest.importorskip("sam2")
+from conftest import reference
+sam2 = reference("sam2")
 from sam2.modeling.backbones.hieradet import Hiera as RefHiera  # noqa: E402
 from sam2.modeling.backbones.image_encoder import FpnNeck as RefFpnNeck  # noqa: E402
 from sam2.modeling.backbones.image_encoder import ImageEncoder as RefImageEncoder  # noqa: E402

@@ -13,7 +13,8 @@ import torch
 from biosam.models.sam2.memory_attention import AxialRoPE, MemoryAttention, apply_rope
 from biosam.models.sam2.memory_encoder import MemoryEncoder
 
-sam2 = pytest.importorskip("sam2")
+from conftest import reference
+sam2 = reference("sam2")
 from sam2.modeling import memory_attention as ref_attention  # noqa: E402
 from sam2.modeling import memory_encoder as ref_encoder  # noqa: E402
 from sam2.modeling.position_encoding import PositionEmbeddingSine, apply_rotary_enc, compute_axial_cis  # noqa: E402

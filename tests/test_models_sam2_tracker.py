@@ -26,7 +26,8 @@ from biosam.models.sam2.config import SAM2_CONFIGS, Sam2Config
 from biosam.models.sam2.model import Sam2, Sam2ImageFeatures
 from biosam.models.sam2.tracker import Sam2Tracker, _FrameRuns, fill_small_regions, small_components
 
-sam2 = pytest.importorskip("sam2")
+from conftest import reference
+sam2 = reference("sam2")
 import sam2.sam2_video_predictor as video_module  # noqa: E402
 from sam2.build_sam import build_sam2_video_predictor  # noqa: E402
 

@@ -18,7 +18,8 @@ from biosam.models import CONFIGS, SamConfig, build_sam
 from biosam.models import vit as vit_module
 from biosam.models.vit import ImageEncoderViT
 
-segment_anything = pytest.importorskip("segment_anything")
+from conftest import reference
+segment_anything = reference("segment_anything")
 
 SHARED_DATA = Path(__file__).parents[1] / ".." / "shared" / "data"
 TOL = 1e-4

@@ -61,7 +61,7 @@ _FAKE_SHAPE = (8, 4, 4)
 def _fake_model() -> SimpleNamespace:
     """What EmbeddingStore needs of a model, with small embeddings (no weights: nothing is computed)."""
     return SimpleNamespace(
-        info=SimpleNamespace(name="fake", checkpoint_hash="0" * 32, preprocessing="none"), image_size=16,
+        info=SimpleNamespace(name="fake", checkpoint_hash="0" * 32, preprocessing="none"), image_size=16, precision="fp32",
         config=SimpleNamespace(prompt_embed_dim=_FAKE_SHAPE[0], image_embedding_size=_FAKE_SHAPE[1]))
 
 

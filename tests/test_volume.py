@@ -241,8 +241,11 @@ def test_sam2_models_follow_objects_with_memory(nuclei_3d, tmp_path):
     """A SAM 2 checkpoint (MedSAM2 shape, seeded random weights: real ones cannot be downloaded here)
     goes through the memory tracker; each object keeps its prompted slice and owns its pixels."""
     import torch
+    import torch.nn.functional as F
 
     from biosam.models.sam2 import SAM2_CONFIGS, build_sam2
+    from biosam.models.sam2.tracker import Sam2Tracker
+    from biosam.prompting.preprocess import Frame
 
     torch.manual_seed(0)
     path = tmp_path / "MedSAM2_latest.pt"
@@ -263,3 +266,30 @@ def test_sam2_models_follow_objects_with_memory(nuclei_3d, tmp_path):
         present = ~np.isnan(result.scores[k])
         assert present[p.z] and ((result.scores[k][present] > 0) & (result.scores[k][present] < 1)).all()
         assert (out[p.z] == k + 1).any()
+
+    # Beyond the prompted slice: with no stop rule the object is drawn on every slice exactly as the memory
+    # tracker (proven against sam2 in test_models_sam2_tracker.py) segments it, both directions from slice 2.
+    never = segment_volume(predictor, image[:6], prompts[:1], PropagationSettings(min_score=0.0, min_area=0),
+                           progress=False)
+    tracker = Sam2Tracker(predictor.model)
+    frame = Frame.create(image.shape[1:3], predictor.model.image_size, "sam2")
+
+    def features(z: int) -> torch.Tensor:
+        predictor.set_image(never.normalize(image[z]), intensity="none")
+        return predictor.embedding
+
+    state = tracker.init_state(features, num_frames=6)
+    tracker.add_prompt(state, 2, 0, box=frame.to_model(prompts[0].box))
+    seen = set()
+    for reverse in (False, True):
+        for step in tracker.propagate(state, start_frame=2, reverse=reverse):
+            if step.frame_index in seen:
+                continue
+            seen.add(step.frame_index)
+            logits = F.interpolate(step.low_res_logits.float(), size=image.shape[1:3], mode="bilinear",
+                                   align_corners=False)
+            np.testing.assert_array_equal(never.labels[step.frame_index] == 1, (logits[0, 0] > 0).numpy())
+    assert seen == set(range(6)) and (never.labels == 1).any(axis=(1, 2)).sum() >= 4
+    # and its stop rule works off the prompted slice: an object probability never reaches 1
+    stopped = segment_volume(predictor, image[:6], prompts[:1], PropagationSettings(min_score=1.0), progress=False)
+    assert stopped.z_range[0].tolist() == [2, 2] and not (stopped.labels[[0, 1, 3, 4, 5]] > 0).any()

@@ -1,6 +1,7 @@
 """biosam: Segment Anything models for biomedical images."""
 
-from biosam.load import ModelInfo, default_device, load_model
+from biosam.load import default_device, load_model
+from biosam.models.info import ModelInfo
 from biosam.prompting import Prediction, Predictor, Prompt, ZoomSettings, read_prompts
 
 __version__ = "0.1.0"

@@ -20,3 +20,19 @@ def label_dtype(count: int) -> np.dtype:
         if count <= np.iinfo(dtype).max:
             return np.dtype(dtype)
     return np.dtype(np.uint64)
+
+
+# Automatic segmentation keeps no object smaller than this (its minimum object size), so a plane of
+# ``n`` pixels holds at most ``n // 64`` objects.
+_SMALLEST_OBJECT = 64
+
+
+def streamed_label_dtype(shape: tuple[int, ...], volume: bool) -> np.dtype:
+    """Type of a label image opened before its objects are counted (written plane by plane).
+
+    A plane gets room for one object per 64 pixels; a volume, whose 3D objects are counted over all
+    its slices, gets uint32.
+    """
+    if volume:
+        return np.dtype(np.uint32)
+    return label_dtype(int(np.prod(shape[-2:])) // _SMALLEST_OBJECT)

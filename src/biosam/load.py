@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import xxhash
-
 from biosam.errors import InputError
 from biosam.models import CONFIGS, CheckpointError, Sam, load_sam_checkpoint, read_state_dict
 from biosam.models.checkpoint import read_checkpoint
 from biosam.models.config import config_dict, config_name
+from biosam.models.info import ModelInfo, file_hash
 from biosam.models.precision import resolve_precision
 from biosam.models.sam2.checkpoint import default_image_size, is_sam2_state_dict, load_sam2_state_dict
 from biosam.models.sam2.config import SAM2_CONFIGS
@@ -22,39 +20,6 @@ from biosam.zoo import ModelSpec, list_specs, resolve_checkpoint
 from biosam.zoo.errors import ZooError
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class ModelInfo:
-    """Where a loaded model came from and how its inputs must be prepared.
-
-    ``metadata``: what a checkpoint written by biosam's fine-tuning records (base
-    model, preprocessing, architecture, settings, metrics); None for other files.
-    """
-
-    name: str
-    preprocessing: str
-    checkpoint: Path
-    spec: ModelSpec | None = None
-    metadata: dict | None = field(default=None, repr=False)
-    _hash: str | None = field(default=None, repr=False)
-
-    @property
-    def box_only(self) -> bool:
-        """Whether the model was trained with box prompts only: its zoo entry says so (``prompt: box`` in its
-        defaults, e.g. LiteMedSAM, MedSAM). A model fine-tuned by biosam may have learnt points, so it is not."""
-        return self.metadata is None and self.spec is not None and self.spec.defaults.get("prompt") == "box"
-
-    @property
-    def checkpoint_hash(self) -> str:
-        """xxh128 of the checkpoint file (computed once, on first use)."""
-        if self._hash is None:
-            h = xxhash.xxh3_128()
-            with open(self.checkpoint, "rb") as fh:
-                while chunk := fh.read(1 << 24):
-                    h.update(chunk)
-            self._hash = h.hexdigest()
-        return self._hash
 
 
 def default_device() -> torch.device:
@@ -109,7 +74,7 @@ def _load_file(path: Path, spec: ModelSpec | None) -> tuple[torch.nn.Module, str
 
 def _load_adapters(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> Sam:
     """The base model named by a LoRA adapter file, with the adapters (and fully trained tensors) merged in."""
-    from biosam.train.lora import DEFAULT_TARGETS, apply_adapters
+    from biosam.models.lora import DEFAULT_TARGETS, apply_adapters
 
     base, lora = metadata.get("base_model"), metadata.get("lora") or {}
     if not base or not lora.get("rank"):
@@ -128,7 +93,7 @@ def _load_adapters(path: Path, tensors: dict[str, torch.Tensor], metadata: dict)
             f"base model '{base}' is a '{architecture or 'custom'}' model; they cannot be applied to it."
         )
     expected_hash = metadata.get("base_checkpoint_hash")
-    if expected_hash and ModelInfo(str(base), "", Path(base_path)).checkpoint_hash != expected_hash:
+    if expected_hash and file_hash(base_path) != expected_hash:
         raise CheckpointError(
             f"{path}: the base model file {base_path} has changed since the adapters were trained on it "
             "(other weights, same architecture); restore that file or use a merged checkpoint."

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from biosam.automatic.decoder import VIT_CONFIG, DecoderConfig, InstanceDecoder
 from biosam.automatic.instances import PostProcessing, maps_to_instances
 from biosam.errors import InputError
+from biosam.models.sam2.model import Sam2
 from biosam.prompting.preprocess import Frame
 
 logger = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ def load_decoder(
 
 def _from_micro_sam(path: Path, state: Mapping[str, torch.Tensor], bundled: bool) -> InstanceDecoder:
     """A micro-sam decoder; a full micro-sam file holds the SAM weights it was trained with next to it."""
-    from biosam.load import ModelInfo
+    from biosam.models.info import file_hash
 
     state = {k: v for k, v in state.items() if not k.startswith("encoder.")}
     stages = sum(1 for k in state if k.startswith("deconv") and k.endswith(".block.1.block.weight"))
@@ -141,7 +142,7 @@ def _from_micro_sam(path: Path, state: Mapping[str, torch.Tensor], bundled: bool
     decoder = InstanceDecoder(config)
     decoder.load_state_dict_strict(state, source=str(path))
     # A separate ``*_decoder`` file does not say which encoder it belongs to: only its size can be checked.
-    checkpoint_hash = ModelInfo(str(path), "sam", path).checkpoint_hash if bundled else None
+    checkpoint_hash = file_hash(path) if bundled else None
     decoder.info = {
         "encoder": {
             "name": str(path) if bundled else None,
@@ -163,9 +164,9 @@ def _from_micro_sam(path: Path, state: Mapping[str, torch.Tensor], bundled: bool
 
 def check_compatible(decoder: InstanceDecoder, model: torch.nn.Module) -> None:
     """Refuse a decoder trained on another image encoder than ``model``'s (a fresh decoder passes)."""
-    if getattr(model, "info", None) is not None and model.info.preprocessing == "sam2":
+    if isinstance(model, Sam2):
         raise DecoderMismatchError(
-            f"'{model.info.name}' is a SAM 2 model; instance decoders read SAM v1 image embeddings. "
+            f"'{model.info.name if model.info else 'this model'}' is a SAM 2 model; instance decoders read SAM v1 image embeddings. "
             "Use automatic mask generation with SAM 2 models (`biosam auto --mode amg`)."
         )
     expected = (decoder.info or {}).get("encoder")

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import math
-from numbers import Real
 from dataclasses import dataclass, fields
 from itertools import product
 
@@ -43,6 +42,7 @@ from biosam.labels import label_dtype
 from biosam.prompting.intensity import _channels_last
 from biosam.prompting.predictor import Predictor
 from biosam.prompting.preprocess import Frame, logits_to_image
+from biosam.settings import check, choice, positive, rule, whole, within
 
 logger = logging.getLogger(__name__)
 
@@ -95,38 +95,25 @@ class AmgSettings:
     prompt: str = "points"
     box_size: float = 2.0
 
-    def validate(self) -> AmgSettings:
-        """Raise :class:`InputError` naming the first unusable setting; return ``self``."""
-        if not isinstance(self.multimask, bool):
-            raise InputError(f"AMG setting multimask must be True or False, got {self.multimask!r}.")
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name not in ("multimask", "prompt") and (isinstance(value, bool) or not isinstance(value, Real)):
-                raise InputError(f"AMG setting {f.name} must be a number, got {value!r}.")
-        positive = ("points_per_side", "points_per_batch", "crop_n_points_downscale_factor")
-        for name in positive:
-            if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 1:
-                raise InputError(f"AMG setting {name} must be a whole number >= 1, got {getattr(self, name)!r}.")
-        for name in ("crop_n_layers", "min_mask_region_area"):
-            if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 0:
-                raise InputError(f"AMG setting {name} must be a whole number >= 0, got {getattr(self, name)!r}.")
-        unit = ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh", "crop_nms_thresh", "crop_overlap_ratio")
-        for name in (*unit, "max_mask_area_fraction"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise InputError(f"AMG setting {name} must lie in [0, 1], got {getattr(self, name)!r}.")
-        if self.prompt not in PROMPT_KINDS:
-            raise InputError(f"AMG setting prompt must be one of {PROMPT_KINDS}, got {self.prompt!r}.")
-        if not self.box_size > 0:
-            raise InputError(f"AMG setting box_size must be > 0 (grid cells per box side), got {self.box_size!r}.")
-        if self.stability_score_offset < 0:
-            raise InputError(f"AMG setting stability_score_offset must be >= 0, got {self.stability_score_offset!r}.")
-        if int(self.points_per_side / self.crop_n_points_downscale_factor**self.crop_n_layers) < 1:
-            raise InputError(
-                f"points_per_side={self.points_per_side} leaves no points in crop layer {self.crop_n_layers} "
-                f"with crop_n_points_downscale_factor={self.crop_n_points_downscale_factor}; use more points "
-                "or fewer crop layers."
-            )
-        return self
+    def __post_init__(self) -> None:
+        ints = {"points_per_side": 1, "points_per_batch": 1, "crop_n_points_downscale_factor": 1,
+                "crop_n_layers": 0, "min_mask_region_area": 0}
+        unit = ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh", "crop_nms_thresh",
+                "crop_overlap_ratio", "max_mask_area_fraction")
+        rules = [whole(name, getattr(self, name), low) for name, low in ints.items()]
+        rules += [within(name, getattr(self, name), 0.0, 1.0) for name in unit]
+        rules += [
+            rule(isinstance(self.multimask, bool), f"multimask must be True or False, got {self.multimask!r}"),
+            choice("prompt", self.prompt, PROMPT_KINDS),
+            positive("box_size (grid cells per box side)", self.box_size),
+            within("stability_score_offset", self.stability_score_offset, 0.0, float("inf")),
+        ]
+        check("AMG settings", rules)
+        check("AMG settings", [rule(
+            int(self.points_per_side / self.crop_n_points_downscale_factor**self.crop_n_layers) >= 1,
+            f"points_per_side={self.points_per_side} leaves no points in crop layer {self.crop_n_layers} "
+            f"with crop_n_points_downscale_factor={self.crop_n_points_downscale_factor}; use more points "
+            "or fewer crop layers")])
 
 
 @dataclass
@@ -410,7 +397,7 @@ def generate_masks(
     :class:`MaskRecord` per mask; masks may overlap (see :func:`masks_to_labels`).
     A constant image gives an empty list.
     """
-    settings = (settings or AmgSettings()).validate()
+    settings = settings or AmgSettings()
     if image is not None:
         image = np.asarray(image)
         if image.size == 0 or image.min() == image.max():

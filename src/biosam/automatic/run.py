@@ -22,9 +22,10 @@ from biosam.automatic.decoder import InstanceDecoder
 from biosam.automatic.instances import maps_to_instances
 from biosam.automatic.labels import relabel
 from biosam.automatic.resample import resize_image, resize_labels, resize_maps, scaled_shape
-from biosam.automatic.tiling import check_tiles, merge_instance_tiles, stitch_maps
+from biosam.automatic.tiling import check_tiles, merge_instance_tiles, stitch_maps, tiles_rule
 from biosam.errors import InputError
-from biosam.prompting.intensity import normalize_intensity
+from biosam.prompting.intensity import INTENSITY_PRESETS, normalize_intensity
+from biosam.settings import check, choice, positive, rule, whole, within
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +62,25 @@ class AutoSettings:
     scale: float | None = None
     object_size: float | None = None
 
+    def __post_init__(self) -> None:
+        rules = [choice("mode", self.mode, MODES), choice("intensity", self.intensity, INTENSITY_PRESETS),
+                 rule(self.scale is None or self.object_size is None, "give either scale or object_size, not both")]
+        if self.tile is not None:
+            rules.append(tiles_rule(self.tile, self.tile // 8 if self.halo is None else self.halo))
+        if self.halo is not None:
+            rules.append(whole("halo", self.halo, 0))
+        if self.scale is not None:
+            rules.append(within("scale", self.scale, MIN_SCALE, MAX_SCALE))
+        if self.object_size is not None:
+            rules += [positive("object_size (a diameter in pixels)", self.object_size),
+                      rule(self.mode == "ais", "object_size needs the instance decoder (mode 'ais'); "
+                                               "use scale with mode 'amg'")]
+        check("automatic segmentation settings", rules)
+
 
 def amg_settings_for(model, **overrides) -> AmgSettings:
     """Mask-generation settings for ``model``: the zoo's per-model defaults, then ``overrides`` (None ignored)."""
-    spec = getattr(getattr(model, "info", None), "spec", None)
+    spec = model.info.spec if model.info is not None else None
     values = dict(spec.defaults.get("amg", {})) if spec is not None else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
     return AmgSettings(**values)
@@ -83,11 +99,7 @@ def working_scale(settings: AutoSettings, decoder: InstanceDecoder | None = None
 
     Checks the settings, so a bad value is refused before any work.
     """
-    if settings.scale is not None and settings.object_size is not None:
-        raise InputError("give either scale or object_size, not both.")
     if settings.object_size is not None:
-        if settings.object_size <= 0:
-            raise InputError(f"object_size must be a positive diameter in pixels, not {settings.object_size}.")
         if decoder is None:
             raise InputError("object_size needs the instance decoder (mode 'ais'); use scale with mode 'amg'.")
         preferred = (decoder.info or {}).get("object_size")
@@ -152,8 +164,6 @@ def segment_automatic(predictor, image: np.ndarray, settings: AutoSettings | Non
     receives the ``scale`` used and, when it was estimated, the ``object_size``.
     """
     settings = settings or AutoSettings()
-    if settings.mode not in MODES:
-        raise InputError(f"unknown mode '{settings.mode}'; choose 'ais' (trained decoder) or 'amg' (grid of points).")
     image = np.asarray(image)
     decoder = resolve_decoder(predictor, settings.decoder) if settings.mode == "ais" else None
     scale = working_scale(settings, decoder)

@@ -29,7 +29,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from biosam.automatic.labels import relabel
-from biosam.errors import InputError
+from biosam.settings import Rule, check, rule
 
 
 @dataclass(frozen=True)
@@ -59,10 +59,15 @@ def _starts(length: int, tile: int, halo: int) -> list[tuple[int, int, int, int]
     return out
 
 
+def tiles_rule(tile: int, halo: int) -> Rule:
+    """Whether a tile size and halo can cover an image (the tile larger than twice the halo)."""
+    return rule(tile > 0 and halo >= 0 and 2 * halo < tile,
+                f"tile {tile} with halo {halo}: the tile must be larger than twice the halo (and halo >= 0)")
+
+
 def check_tiles(tile: int, halo: int) -> None:
     """Refuse a tile size and halo that cannot cover an image (:class:`InputError`)."""
-    if tile <= 0 or halo < 0 or 2 * halo >= tile:
-        raise InputError(f"tile {tile} with halo {halo}: the tile must be larger than twice the halo (and halo >= 0).")
+    check("tiles", [tiles_rule(tile, halo)])
 
 
 def tile_grid(shape: tuple[int, int], tile: int, halo: int) -> list[Tile]:

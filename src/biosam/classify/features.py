@@ -12,6 +12,7 @@ detail, whatever its size.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -22,6 +23,7 @@ from scipy import ndimage as ndi
 
 from biosam.errors import InputError
 from biosam.prompting.preprocess import Frame, model_input
+from biosam.settings import check, whole, within
 
 # Channels of the top-level image features (SAM v1's whole embedding, SAM 2's first block of its packed one).
 FEATURE_CHANNELS = 256
@@ -37,8 +39,8 @@ class CropSettings:
     pooled: int = 32
 
     def __post_init__(self) -> None:
-        if not self.context >= 1.0 or self.min_side < 4 or self.pooled < 8:
-            raise InputError("crop settings need context >= 1, min_side >= 4 and pooled >= 8.")
+        check("crop settings", [within("context", self.context, 1.0, math.inf), whole("min_side", self.min_side, 4),
+                                whole("pooled", self.pooled, 8)])
 
     def to_dict(self) -> dict:
         return asdict(self)

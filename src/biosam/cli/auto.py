@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from biosam.automatic.run import MODES
 from biosam.cli.common import check_image_fits, check_overlay, input_options, write_overlay
 
 
@@ -16,7 +17,7 @@ from biosam.cli.common import check_image_fits, check_overlay, input_options, wr
 @click.argument("image", type=str)
 @click.option("-o", "--output", required=True, type=str,
               help="Instance label image to write; the format follows the extension (.tif, .png, .mrc, .nii.gz, .zarr, copick://).")
-@click.option("--mode", type=click.Choice(["ais", "amg"]), default="ais", show_default=True,
+@click.option("--mode", type=click.Choice(MODES), default="ais", show_default=True,
               help="ais: the trained instance decoder (fast); amg: a grid of prompts, points or boxes by model (slow).")
 @click.option("--decoder", default=None, help="Instance decoder checkpoint (default: the one shipped with the model).")
 @click.option("--tile", type=click.IntRange(min=32), default=None, help="Tile size in pixels (default: the decoder's training tile for ais, 1024 for amg).")
@@ -50,6 +51,7 @@ def auto(image, output, mode, decoder, tile, halo, object_size, scale, points_pe
     from tqdm.auto import tqdm
 
     from biosam import Predictor, load_model
+    from biosam.automatic.amg import AmgSettings
     from biosam.automatic.run import (
         AutoSettings,
         amg_settings_for,
@@ -60,6 +62,7 @@ def auto(image, output, mode, decoder, tile, halo, object_size, scale, points_pe
     )
     from biosam.io import check_labels_output, open_labels, plane_index, read_image, read_plane
     from biosam.io.overlay import render_overlay
+    from biosam.labels import streamed_label_dtype
     from biosam.prompting.intensity import check_contrast, resolve_preset
 
     from skimage.segmentation import relabel_sequential
@@ -68,9 +71,13 @@ def auto(image, output, mode, decoder, tile, halo, object_size, scale, points_pe
 
     if not 0.0 <= link_iou <= 1.0:
         raise click.BadParameter(f"must lie in [0, 1], got {link_iou}", param_hint="--link-iou")
-    if tile is not None and halo is not None and 2 * halo >= tile:
-        raise click.BadParameter(f"a tile of {tile} px needs a halo under {(tile + 1) // 2} px (half the tile), "
-                                 f"got {halo}", param_hint="--halo")
+    if mode != "ais" and (decoder is not None or object_size is not None):
+        raise click.UsageError("--decoder and --object-size are used with --mode ais only (--scale works with both).")
+    # settings are checked before any file is read or model loaded
+    settings = AutoSettings(mode=mode, tile=tile, halo=halo, intensity=intensity, scale=scale, object_size=object_size)
+    amg_overrides = {"points_per_side": points_per_side, "pred_iou_thresh": pred_iou_thresh,
+                     "stability_score_thresh": stability_thresh}
+    AmgSettings(**{k: v for k, v in amg_overrides.items() if v is not None})
     check_overlay(overlay, output, overwrite, image=image)
     data, meta = read_image(image, axes=axes, level=level, series_uid=series)
     check_labels_output(output, meta, overwrite, compression)
@@ -80,14 +87,9 @@ def auto(image, output, mode, decoder, tile, halo, object_size, scale, points_pe
         plane_index(meta, zz, t, channel)
     check_image_fits(meta, model)  # and an image too elongated for the model
     predictor = Predictor(load_model(model, device=device, precision=precision), store=embeddings)
-    amg = amg_settings_for(predictor.model, points_per_side=points_per_side, pred_iou_thresh=pred_iou_thresh,
-                           stability_score_thresh=stability_thresh)
-    settings = AutoSettings(mode=mode, tile=tile, halo=halo, amg=amg, intensity=intensity, scale=scale,
-                            object_size=object_size)
+    settings.amg = amg_settings_for(predictor.model, **amg_overrides)
     if mode == "ais":  # a decoder that does not fit the model is refused before any work
         settings.decoder = resolve_decoder(predictor, decoder)
-    elif decoder is not None or object_size is not None:
-        raise click.UsageError("--decoder and --object-size are used with --mode ais only (--scale works with both).")
     applied = working_scale(settings, settings.decoder if mode == "ais" else None)
     keep = keep_classes.split(",") if keep_classes else None
     judge = None
@@ -106,8 +108,7 @@ def auto(image, output, mode, decoder, tile, halo, object_size, scale, points_pe
     results, picture, offset, estimated = [], None, 0, None
     warnings: list[str] = []  # also logged to stderr as they arise
     linker = SliceLinker(link_iou) if volume and link_iou > 0 and len(planes) > 1 else None
-    big = labels_meta.shape[-1] * labels_meta.shape[-2] > 64 * 65535  # could hold more than 65535 objects
-    with open_labels(output, meta, np.uint32 if volume or big else np.uint16, overwrite=overwrite,
+    with open_labels(output, meta, streamed_label_dtype(labels_meta.shape, volume), overwrite=overwrite,
                      compression=compression) as out:
         for zz in tqdm(planes, desc="slices", disable=len(planes) < 2):
             key = zz if "Z" in meta.axes else None

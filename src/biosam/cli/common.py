@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from biosam.io.tiff import COMPRESSIONS, DEFAULT_COMPRESSION
+from biosam.models.precision import PRECISIONS
 from biosam.prompting.intensity import INTENSITY_PRESETS
 
 _INPUT_OPTIONS = {
@@ -22,7 +23,7 @@ _INPUT_OPTIONS = {
     "series": click.option("--series", default=None, metavar="UID", help="SeriesInstanceUID to read from a DICOM folder holding several."),
     "model": click.option("--model", default="lite_medsam", show_default=True, help="Zoo name (see `biosam models`) or checkpoint path."),
     "device": click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda if available, else cpu."),
-    "precision": click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+    "precision": click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
                  help="Image encoder arithmetic; auto = fp32 (bf16 is faster where native but misses our agreement targets)."),
     "embeddings": click.option("--embeddings", "embeddings", type=click.Path(path_type=Path), default=None,
                  help="Folder of image embeddings: reused when present, added when new (resumes interrupted runs); "

@@ -13,6 +13,7 @@ import click
 from biosam.errors import BiosamError, InputError
 from biosam.models import CheckpointError
 from biosam.prompting.preprocess import PREPROCESSINGS
+from biosam.prompting.zoom import ZOOM_MODES
 from biosam.cli.common import check_image_fits, check_overlay, input_options, write_overlay
 from biosam.zoo.errors import ZooError
 
@@ -110,7 +111,7 @@ def _slices(prompts, meta, z: int | None) -> dict[int | None, list[int]]:
               help="A point (label 1 object, 0 background); all points describe one object.")
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path),
               help='JSON list of objects: [{"box": [x0,y0,x1,y1], "points": [[x,y,label], ...], "z": slice}, ...].')
-@click.option("--zoom", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+@click.option("--zoom", type=click.Choice(ZOOM_MODES), default="auto", show_default=True,
               help="Segment small objects in a zoomed crop (auto), always, or never (as the model's authors run it).")
 @click.option("--multimask", is_flag=True, help="Predict 3 masks per object and keep the best-scored one.")
 @click.option("--z", type=int, default=None, help="Slice of a volume to segment (objects in --prompts may give their own \"z\").")

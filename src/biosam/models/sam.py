@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .info import ModelInfo
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
 
@@ -63,6 +64,8 @@ class Sam(nn.Module):
         # "fp32" or "bf16" (see biosam.models.precision); only the image encoder runs in bf16,
         # the small decoder stays fp32 so mask logits keep their resolution.
         self.precision = "fp32"
+        # Set by biosam.load_model: name, preprocessing and checkpoint; None for a model built in code.
+        self.info: ModelInfo | None = None
 
     @property
     def image_size(self) -> int:

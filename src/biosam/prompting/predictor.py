@@ -117,6 +117,9 @@ class Predictor:
 
     def __init__(self, model: torch.nn.Module, zoom_settings: ZoomSettings | None = None, batch_size: int = 64,
                  store: EmbeddingStore | str | os.PathLike | None = None):
+        if model.info is None:
+            raise InputError("this model has no model.info (its name, preprocessing and checkpoint): load it with "
+                             "biosam.load_model, or set model.info = biosam.ModelInfo(...) first.")
         self.model = model.eval()
         # every embedding (images, tiles, zoomed crops) is looked up here first and added when new
         self.store = store if store is None or isinstance(store, EmbeddingStore) else EmbeddingStore(store, model)
@@ -220,7 +223,7 @@ class Predictor:
             "intensity": self.intensity,
             "intensity_percentiles": list(PERCENTILES),
             "input_size": self.input_size,
-            "precision": getattr(self.model, "precision", "fp32"),
+            "precision": self.model.precision,
         }
 
     def save_embedding(self, path: str | os.PathLike) -> Path:
@@ -402,10 +405,10 @@ class Predictor:
         labels, named in the message (default 1 to N).
 
         A model trained with box prompts only (LiteMedSAM, MedSAM; see
-        :attr:`biosam.load.ModelInfo.box_only`) usually gives an empty or wrong
+        :attr:`biosam.ModelInfo.box_only`) usually gives an empty or wrong
         mask for an object prompted by points alone.
         """
-        if not getattr(self.info, "box_only", False):
+        if not (self.info is not None and self.info.box_only):
             return []
         boxless = [i for i, p in enumerate(prompts) if p.box is None]
         if not boxless:

@@ -90,6 +90,14 @@ class Prompt:
         return self.box is not None, 0 if self.points is None else len(self.points), self.mask is not None
 
 
+def mask_box(mask: np.ndarray) -> np.ndarray:
+    """The box ``(x0, y0, x1, y1)`` (pixels, exclusive ends, float64) around a non-empty 2D mask."""
+    ys, xs = np.nonzero(mask)
+    if not len(ys):
+        raise InputError("an empty mask has no box.")
+    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float64)
+
+
 def check_prompts(prompts: list[Prompt], image_shape: tuple[int, int], source: str) -> list[Prompt]:
     """Validate every object's prompts against an image of ``image_shape`` (height, width) before any work.
 

@@ -55,7 +55,7 @@ def model_signature(model: torch.nn.Module) -> dict:
     info = model.info
     return {"format": STORE_FORMAT, "model": info.name, "checkpoint_hash": info.checkpoint_hash,
             "preprocessing": info.preprocessing, "input_size": model.image_size,
-            "precision": getattr(model, "precision", "fp32")}
+            "precision": model.precision}
 
 
 def image_hash(image: np.ndarray) -> str:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from biosam.errors import InputError
+from biosam.settings import check, positive, whole, within
 from biosam.prompting.preprocess import LOW_RES
 
 ZOOM_MODES = ("auto", "on", "off")
@@ -34,6 +35,11 @@ class ZoomSettings:
     min_size: float = 20.0
     context: float = 5.0
     min_crop: int = 64
+
+    def __post_init__(self) -> None:
+        check("zoom settings", [positive("min_size", self.min_size),
+                                within("context", self.context, 1.0, float("inf")),
+                                whole("min_crop", self.min_crop, 1)])
 
 
 @dataclass

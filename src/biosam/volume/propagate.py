@@ -26,9 +26,13 @@ from tqdm.auto import tqdm
 
 from biosam.errors import InputError
 from biosam.labels import label_dtype
+from biosam.models.sam2.model import Sam2
 from biosam.prompting.intensity import volume_normalizer
 from biosam.prompting.predictor import Predictor
-from biosam.prompting.prompts import Prompt
+from biosam.prompting.prompts import Prompt, mask_box
+from biosam.prompting.zoom import ZOOM_MODES
+from biosam.settings import check, choice, positive, rule, whole, within
+from biosam.volume.ownership import PromptedSlices, claim, write_slice
 
 logger = logging.getLogger(__name__)
 
@@ -71,15 +75,16 @@ class PropagationSettings:
     zoom: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.projection not in PROJECTIONS:
-            raise InputError(f"projection must be one of {', '.join(PROJECTIONS)}, got {self.projection!r}.")
-        if not (0.0 < self.collapse < 1.0 < self.growth):
-            raise InputError(f"need 0 < collapse < 1 < growth, got collapse={self.collapse}, growth={self.growth}.")
-        for name in ("min_score", "min_overlap", "min_own"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise InputError(f"{name} must lie in [0, 1], got {getattr(self, name)}.")
-        if not self.max_shift > 0:
-            raise InputError(f"max_shift must be > 0 (standard deviations; inf turns the rule off), got {self.max_shift}.")
+        check("propagation settings", [
+            choice("projection", self.projection, PROJECTIONS),
+            within("box_margin", self.box_margin, 0.0, float("inf")),
+            rule(0.0 < self.collapse < 1.0 < self.growth,
+                 f"need 0 < collapse < 1 < growth, got collapse={self.collapse}, growth={self.growth}"),
+            *(within(name, getattr(self, name), 0.0, 1.0) for name in ("min_score", "min_overlap", "min_own")),
+            whole("min_area", self.min_area, 0),
+            positive("max_shift (standard deviations; inf turns the rule off)", self.max_shift),
+            choice("zoom", self.zoom, ZOOM_MODES),
+        ])
 
 
 @dataclass
@@ -153,9 +158,8 @@ def _check(volume, prompts: list[Prompt]) -> tuple[int, int, int]:
 
 def _projection(track: _Track, settings: PropagationSettings, z: int) -> Prompt:
     """The prompt for the next slice made from an object's mask on this one."""
-    ys, xs = np.nonzero(track.mask)
     h, w = track.mask.shape
-    box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float64)
+    box = mask_box(track.mask)
     pad = np.maximum(2.0, settings.box_margin * (box[2:] - box[:2]))
     box = np.clip(box + np.concatenate([-pad, pad]), 0, [w, h, w, h])
     if settings.projection == "box":
@@ -204,35 +208,6 @@ def _labels_out(out, shape: tuple[int, int, int], n: int):
     return out
 
 
-def _claim(objects: list[int], masks: list[np.ndarray], confidence: list[float], distance: list[int]):
-    """Give each pixel to one object: the one nearest one of its prompted slices (then the more confident one).
-
-    Yields ``(position in objects, own pixels)`` in that order.
-    """
-    rank = sorted(range(len(objects)), key=lambda k: (distance[k], -confidence[k]))
-    claimed = np.zeros(masks[0].shape, dtype=bool) if masks else None
-    for k in rank:
-        own = masks[k] & ~claimed
-        yield k, own
-        claimed |= own
-
-
-def _write(labels, z: int, drawn: dict[int, np.ndarray], distance: np.ndarray | None = None) -> None:
-    """Draw object masks (0-based ids) into slice ``z`` of a NumPy or lazy (Zarr, memmap) label volume.
-
-    ``distance`` (by label, background first): pixels already drawn by an object nearer one of its prompted
-    slices than the one drawn now are kept.
-    """
-    if not drawn:
-        return
-    plane = np.array(labels[z])
-    for i, own in drawn.items():
-        if distance is not None:
-            own = own & (distance[plane] >= distance[i + 1])
-        plane[own] = i + 1
-    labels[z] = plane
-
-
 def _z_range(scores: np.ndarray) -> np.ndarray:
     present = ~np.isnan(scores)
     depth = scores.shape[1]
@@ -265,7 +240,7 @@ def segment_volume(
     prompted slices until they end (see :class:`PropagationSettings`).
     One intensity window (``intensity`` preset) is used for the whole volume.
     SAM 2 models follow objects with their memory (see
-    :mod:`biosam.volume.memory`), SAM v1 models by projecting the last mask.
+    :mod:`biosam.volume.sam2_tracking`), SAM v1 models by projecting the last mask.
     ``out``: an existing ``(Z, Y, X)`` integer array (e.g. Zarr, a memmap, or
     what :func:`biosam.io.open_labels` yields, indexed by slice) to write the
     labels into slice by slice, so that no volume-sized array is held in memory.
@@ -277,8 +252,8 @@ def segment_volume(
     normalize = volume_normalizer(volume, intensity)
     labels = _labels_out(out, (depth, height, width), len(objects))
     scores = np.full((len(objects), depth), np.nan, dtype=np.float32)
-    if predictor.info.preprocessing == "sam2":
-        from biosam.volume.memory import track_objects
+    if isinstance(predictor.model, Sam2):
+        from biosam.volume.sam2_tracking import track_objects
 
         track_objects(predictor, volume, objects, settings, normalize, labels, scores, progress)
     else:
@@ -286,34 +261,10 @@ def segment_volume(
     return VolumeSegmentation(labels, scores, _z_range(scores), normalize)
 
 
-class _Slices:
-    """Where an object's prompted slices put slice ``z``: the nearest one, and whether prompts lie on both sides."""
-
-    def __init__(self, objects: list[list[Prompt]]) -> None:
-        self.z = [np.array([int(p.z) for p in obj]) for obj in objects]
-
-    def distance(self, i: int, z: int) -> int:
-        return int(np.abs(self.z[i] - z).min())
-
-    def by_label(self, z: int) -> np.ndarray:
-        """Every object's distance from slice ``z``, indexed by label (background: never nearer)."""
-        return np.array([np.iinfo(np.int64).max] + [self.distance(i, z) for i in range(len(self.z))], dtype=np.int64)
-
-    def between(self, i: int, z: int) -> bool:
-        return bool((self.z[i] < z).any() and (self.z[i] > z).any())
-
-    def owns(self, i: int, z: int, step: int) -> bool:
-        """Whether the sweep going ``step`` carries object ``i`` onto slice ``z`` (ties go forward)."""
-        before, after = self.z[i][self.z[i] < z], self.z[i][self.z[i] > z]
-        if step == 1:
-            return not len(after) or not len(before) or z - before.max() <= after.min() - z
-        return not len(before) or (len(after) and after.min() - z < z - before.max())
-
-
 def _project_objects(predictor, volume, objects, settings, normalize, labels, scores, progress) -> None:
     """SAM v1: carry each object to the next slice as a prompt made from its last mask."""
     depth = labels.shape[0]
-    slices = _Slices(objects)
+    slices = PromptedSlices(objects)
     asked: dict[int, dict[int, Prompt]] = {}
     for i, obj in enumerate(objects):
         for p in obj:
@@ -332,50 +283,47 @@ def _project_objects(predictor, volume, objects, settings, normalize, labels, sc
             active = {i: t for i, t in active.items() if i not in here and slices.owns(i, z, step)}
             new = list(here) if step == 1 else []
             carried = list(active)
-            if not new and not carried:
-                if step == -1:  # prompted slices were segmented going forward; carry on from them below
-                    active.update({i: seeds[i, z] for i in here if (i, z) in seeds})
-                if (step == 1 and z > max(asked)) or (step == -1 and z < min(asked)):
-                    break
-                continue
-            bar.set_postfix(objects=len(new) + len(carried))
-            plane = normalize(volume[z])
-            request = [replace(here[i], z=z) for i in new] + [_projection(active[i], settings, z) for i in carried]
-            predictor.set_image(plane, intensity="none")
-            result = predictor.predict_prompts(request, zoom=settings.zoom)
-            grey = plane.mean(axis=-1) if plane.ndim == 3 else plane
-            order = new + carried
-            near = [slices.distance(i, z) for i in order]
-            drawn = {}
-            # a carried object that lost most of its mask to an object nearer its own prompt has run into
-            # that neighbour: its own end was passed
-            for k, own in _claim(order, list(result.masks[:, 0]), list(result.scores[:, 0]), near):
-                i, mask, score = order[k], result.masks[k, 0], float(result.scores[k, 0])
-                if i in active:
-                    if slices.between(i, z):  # the object is known to go on: keep it, even where it is lost
-                        if not own.any():
-                            continue
+            if new or carried:
+                bar.set_postfix(objects=len(new) + len(carried))
+                plane = normalize(volume[z])
+                request = [replace(here[i], z=z) for i in new] + [_projection(active[i], settings, z) for i in carried]
+                predictor.set_image(plane, intensity="none")
+                result = predictor.predict_prompts(request, zoom=settings.zoom)
+                grey = plane.mean(axis=-1) if plane.ndim == 3 else plane
+                order = new + carried
+                near = [slices.distance(i, z) for i in order]
+                drawn = {}
+                # a carried object that lost most of its mask to an object nearer its own prompt has run into
+                # that neighbour: its own end was passed
+                for k, own in claim(order, list(result.masks[:, 0]), list(result.scores[:, 0]), near):
+                    i, mask, score = order[k], result.masks[k, 0], float(result.scores[k, 0])
+                    if i in active:
+                        if slices.between(i, z):  # the object is known to go on: keep it, even where it is lost
+                            if not own.any():
+                                continue
+                        else:
+                            reason = _stops(active[i], own, score, grey, settings)
+                            if reason is None and own.sum() < settings.min_own * mask.sum():
+                                reason = "ran into another object"
+                            if reason:
+                                logger.debug("object %d ends before slice %d: %s", i, z, reason)
+                                del active[i]
+                                continue
+                        intensity = active[i].intensity
+                    elif not own.any():
+                        logger.warning("object %d: its prompt on slice %d gives an empty mask", i, z)
+                        continue
                     else:
-                        reason = _stops(active[i], own, score, grey, settings)
-                        if reason is None and own.sum() < settings.min_own * mask.sum():
-                            reason = "ran into another object"
-                        if reason:
-                            logger.debug("object %d ends before slice %d: %s", i, z, reason)
-                            del active[i]
-                            continue
-                    intensity = active[i].intensity
-                elif not own.any():
-                    logger.warning("object %d: its prompt on slice %d gives an empty mask", i, z)
-                    continue
-                else:
-                    intensity = _intensity(grey, own)
-                track = _Track(own, result.low_res_logits[k, 0], int(own.sum()), intensity)
-                active[i] = track
-                if i in new:
-                    seeds[i, z] = track
-                drawn[i] = own
-                scores[i, z] = score
-            _write(labels, z, drawn, slices.by_label(z) if step == -1 else None)
-            if step == -1:
+                        intensity = _intensity(grey, own)
+                    track = _Track(own, result.low_res_logits[k, 0], int(own.sum()), intensity)
+                    active[i] = track
+                    if i in new:
+                        seeds[i, z] = track
+                    drawn[i] = own
+                    scores[i, z] = score
+                write_slice(labels, z, drawn, slices.by_label(z) if step == -1 else None)
+            elif (step == 1 and z > max(asked)) or (step == -1 and z < min(asked)):
+                break
+            if step == -1:  # prompted slices were segmented going forward; carry on from them
                 active.update({i: seeds[i, z] for i in here if (i, z) in seeds})
         bar.close()

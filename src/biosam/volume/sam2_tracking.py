@@ -21,6 +21,7 @@ from biosam.models.sam2.tracker import Sam2Tracker
 from biosam.prompting.predictor import Predictor
 from biosam.prompting.preprocess import Frame
 from biosam.prompting.prompts import Prompt
+from biosam.volume.ownership import PromptedSlices, claim, write_slice
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +32,6 @@ def track_objects(predictor: Predictor, volume, objects: list[list[Prompt]], set
                   progress: bool) -> None:
     """Fill ``labels`` (Z, Y, X) and ``scores`` (n, Z; object probability) for SAM 2 objects, each a list of
     prompts on its slices (see segment_volume)."""
-    from biosam.volume.propagate import _claim, _Slices, _write
-
     model = predictor.model
     depth, height, width = labels.shape
     frame = Frame.create((height, width), model.image_size, "sam2")
@@ -51,7 +50,7 @@ def track_objects(predictor: Predictor, volume, objects: list[list[Prompt]], set
             if p.mask is not None:
                 logger.warning("object %d: mask prompts are not used for volumes; its box/points are", i)
             tracker.add_prompt(state, int(p.z), i, points=points, labels=p.point_labels, box=box)
-    slices = _Slices(objects)
+    slices = PromptedSlices(objects)
     first, last = min(int(zs.min()) for zs in slices.z), max(int(zs.max()) for zs in slices.z)
     for reverse in (False, True):
         # the forward pass owns each object's first prompted slice and what follows it, the backward pass what precedes
@@ -68,7 +67,7 @@ def track_objects(predictor: Predictor, volume, objects: list[list[Prompt]], set
             drawn = {}
             present = [step.object_ids[k] for k in mine]
             near = [slices.distance(i, z) for i in present]
-            for j, own in _claim(present, [masks[k] for k in mine], [probability[k] for k in mine], near):
+            for j, own in claim(present, [masks[k] for k in mine], [probability[k] for k in mine], near):
                 i, k = present[j], mine[j]
                 # never ends on or between its prompted slices
                 kept = z in slices.z[i] or slices.between(i, z)
@@ -82,4 +81,4 @@ def track_objects(predictor: Predictor, volume, objects: list[list[Prompt]], set
                 if own.any():
                     drawn[i] = own
                     scores[i, z] = probability[k]
-            _write(labels, z, drawn)
+            write_slice(labels, z, drawn)

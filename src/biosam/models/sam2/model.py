@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..common import MLP
+from ..info import ModelInfo
 from ..sam import decode_in_chunks
 from .config import Sam2Config
 from .hiera import build_hiera
@@ -118,6 +119,8 @@ class Sam2(nn.Module):
         self.obj_ptr_tpos_proj = nn.Linear(c, m) if config.proj_tpos_enc_in_obj_ptrs else None
         # "fp32" or "bf16" (see biosam.models.precision): the image encoder's arithmetic only.
         self.precision = "fp32"
+        # Set by biosam.load_model: name, preprocessing and checkpoint; None for a model built in code.
+        self.info: ModelInfo | None = None
 
     # ------------------------------------------------------------------ geometry
     @property
