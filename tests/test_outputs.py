@@ -203,9 +203,15 @@ def test_new_outputs_follow_the_umask_and_replaced_ones_keep_their_mode(nuclei, 
 # ----------------------------------------------------------------------------- signals and kills
 
 
+def _interactive_signals() -> None:
+    # a run started from a terminal gets Ctrl-C; tests started as a background job inherit SIGINT ignored,
+    # which biosam rightly keeps ignored, so the child is given the terminal's default back
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(*args: object, cwd: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "biosam", *map(str, args)], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_interactive_signals)
 
 
 def _wait_for_temporary(proc: subprocess.Popen, folder: Path, pattern: str) -> list[Path]:
