@@ -131,6 +131,19 @@ def test_spec_is_immutable_and_hashable():
     assert {spec: 1}[get_spec("vit_b")] == 1
 
 
+def test_every_runnable_model_has_a_domain_and_size_to_choose_it_by():
+    from biosam.zoo.choice import DEFAULT_MODEL, DOMAINS, SIZES, models_for
+
+    chosen = {name for d in DOMAINS for s in SIZES for name in models_for(d, s)}
+    assert chosen == {s.name for s in REGISTRY.values() if s.supported}
+    assert models_for("medical imaging", "tiny")[0] == DEFAULT_MODEL
+    assert models_for("light microscopy", "base") == ["vit_b_lm"]
+    assert models_for("histopathology", "huge") == ["vit_h_histopathology"]
+    assert "vit_b_em_organelles" in models_for("cryo-ET") and "sam2.1_hiera_large" in models_for("cryo-ET", "large")
+    with pytest.raises(ValueError, match="unknown domain"):
+        models_for("astronomy")
+
+
 def test_unknown_name_suggests_close_names():
     with pytest.raises(UnknownModelError, match=r"did you mean 'vit_b_lm'"):
         get_spec("vit_b_lmm")
