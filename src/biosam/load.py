@@ -105,6 +105,21 @@ def _load_adapters(path: Path, tensors: dict[str, torch.Tensor], metadata: dict)
         raise CheckpointError(f"{path}: the adapters do not fit the base model '{base}': {exc}") from exc
 
 
+# Models kept by keep_models(): a process that runs many commands (a biosam.distributed worker) loads each once.
+_kept: dict[tuple, torch.nn.Module] | None = None
+
+
+def keep_models(keep: bool = True) -> None:
+    """From now on, :func:`load_model` returns the same model for the same arguments (``keep=False``: forget them).
+
+    For processes that run command after command on one model (``biosam batch``'s
+    workers); inference does not change a model, so sharing it between runs is safe.
+    A checkpoint file is keyed by its path and modification time, so a rewritten file is loaded again.
+    """
+    global _kept
+    _kept = {} if keep else None
+
+
 def load_model(
     name_or_path: str | os.PathLike = "lite_medsam",
     device: str | torch.device | None = None,
@@ -131,6 +146,12 @@ def load_model(
         raise InputError(f"preprocessing must be one of {PREPROCESSINGS}, got '{preprocessing}'.")
     device = _device(device)
     precision = resolve_precision(precision, device)
+    key = None
+    if _kept is not None:
+        stamp = os.stat(name_or_path).st_mtime_ns if os.path.isfile(name_or_path) else None
+        key = (str(name_or_path), stamp, str(device), preprocessing, precision)
+        if key in _kept:
+            return _kept[key]
     path, spec = resolve_checkpoint(name_or_path)
     model, architecture, metadata = _load_file(Path(path), spec)
     if preprocessing is None and metadata is not None and metadata.get("preprocessing") in PREPROCESSINGS:
@@ -141,4 +162,7 @@ def load_model(
     model.info = ModelInfo(name=name, preprocessing=preprocessing, checkpoint=Path(path), spec=spec, metadata=metadata)
     model.precision = precision
     logger.info("loaded %s (%s preprocessing) on %s, %s", name, preprocessing, device, precision)
-    return model.eval().to(device)
+    model = model.eval().to(device)
+    if key is not None and _kept is not None:
+        _kept[key] = model
+    return model

@@ -144,22 +144,33 @@ def merge_instance_tiles(
     next_id = 1
     for t in _progress(tile_grid((height, width), tile, halo), progress, "tiles"):
         local = np.asarray(segment(image[t.outer_slice]))
-        ids = np.unique(local)
-        ids = ids[ids > 0]
-        if not len(ids):
-            continue
-        centres = ndimage.center_of_mass(np.ones(local.shape), local, ids)
-        iy0, iy1, ix0, ix1 = t.inner
-        oy, _, ox, _ = t.outer
         region = labels[t.outer_slice]  # a view: painting it paints ``labels``
-        for obj, (cy, cx) in zip(ids, centres):
-            if not (iy0 <= cy + oy < iy1 and ix0 <= cx + ox < ix1):
-                continue
-            mask = local == obj
-            free = mask & (region == 0)
-            if free.sum() < (1.0 - max_overlap) * mask.sum():
-                continue
-            region[free] = next_id
-            next_id += 1
+        for obj in owned_objects(local, t):
+            if paint_object(region, local == obj, next_id, max_overlap):
+                next_id += 1
     return relabel(labels)
+
+
+def owned_objects(local: np.ndarray, tile: Tile) -> np.ndarray:
+    """Ids (ascending) of the objects in ``local``, the labels of ``tile``'s outer box, whose centre of mass
+    lies in its inner box: the objects this tile keeps (see :func:`merge_instance_tiles`)."""
+    ids = np.unique(local)
+    ids = ids[ids > 0]
+    if not len(ids):
+        return ids
+    centres = np.asarray(ndimage.center_of_mass(np.ones(local.shape), local, ids)).reshape(len(ids), 2)
+    iy0, iy1, ix0, ix1 = tile.inner
+    oy, _, ox, _ = tile.outer
+    cy, cx = centres[:, 0] + oy, centres[:, 1] + ox
+    return ids[(iy0 <= cy) & (cy < iy1) & (ix0 <= cx) & (cx < ix1)]
+
+
+def paint_object(region: np.ndarray, mask: np.ndarray, new_id: int, max_overlap: float = 0.5) -> bool:
+    """Draw ``mask`` as ``new_id`` on the pixels of ``region`` still 0, unless more than ``max_overlap`` of it
+    is taken already (the same object kept from another tile); whether it was drawn."""
+    free = mask & (region == 0)
+    if free.sum() < (1.0 - max_overlap) * mask.sum():
+        return False
+    region[free] = new_id
+    return True
 

@@ -37,10 +37,16 @@ from biosam.cli.common import check_image_fits, check_overlay, input_options, wr
               help="With --classifier: classes to keep (default: every class but background).")
 @click.option("--link-iou", type=float, default=0.3, show_default=True,
               help="Volumes: objects of neighbouring slices overlapping by this IoU become one 3D object; 0 keeps slices apart.")
+@click.option("--blocks", type=click.IntRange(min=32), default=None, metavar="SIZE",
+              help="Images larger than one process: segment blocks of SIZE px (with a halo of SIZE / 8) on Dask "
+                   "workers and write the .zarr OUTPUT chunk by chunk (needs biosam[distributed]).")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="With --blocks: worker processes started on this machine.")
+@click.option("--scheduler", default=None, metavar="ADDRESS", help="With --blocks: an existing Dask cluster (tcp://...).")
 @input_options
 def auto(image, output, mode, decoder, tile, halo, object_size, scale, points_per_side, pred_iou_thresh, stability_thresh, z, classifier, keep_classes, link_iou, intensity, t,
          channel, axes, level, series, model, device, precision, embeddings, overlay, as_json, overwrite,
-         compression) -> None:
+         compression, blocks=None, workers=2, scheduler=None) -> None:
     """Find every object in IMAGE and write an instance label image to OUTPUT.
 
     Images larger than the tile are processed in overlapping tiles and stitched
@@ -52,22 +58,12 @@ def auto(image, output, mode, decoder, tile, halo, object_size, scale, points_pe
 
     from biosam import Predictor, load_model
     from biosam.automatic.amg import AmgSettings
-    from biosam.automatic.run import (
-        AutoSettings,
-        amg_settings_for,
-        resolve_decoder,
-        segment_automatic,
-        to_uint8,
-        working_scale,
-    )
+    from biosam.automatic.planes import PlaneSegmenter
+    from biosam.automatic.run import AutoSettings, to_uint8, working_scale
     from biosam.io import check_labels_output, open_labels, plane_index, read_image, read_plane
     from biosam.io.overlay import render_overlay
     from biosam.labels import streamed_label_dtype
-    from biosam.prompting.intensity import check_contrast, resolve_preset
-
-    from skimage.segmentation import relabel_sequential
-
-    from biosam.volume import SliceLinker
+    from biosam.prompting.intensity import resolve_preset
 
     if not 0.0 <= link_iou <= 1.0:
         raise click.BadParameter(f"must lie in [0, 1], got {link_iou}", param_hint="--link-iou")
@@ -78,6 +74,13 @@ def auto(image, output, mode, decoder, tile, halo, object_size, scale, points_pe
     amg_overrides = {"points_per_side": points_per_side, "pred_iou_thresh": pred_iou_thresh,
                      "stability_score_thresh": stability_thresh}
     AmgSettings(**{k: v for k, v in amg_overrides.items() if v is not None})
+    if blocks is not None:
+        settings.decoder = decoder  # a path: each worker loads it beside its model
+        _blockwise(image, output, settings, amg_overrides, blocks, workers, scheduler, z, t, channel, axes, level,
+                   model, device, precision, overwrite, as_json, unsupported={
+                       "--classifier": classifier, "--overlay": overlay, "--series": series,
+                       "--embeddings": embeddings})
+        return
     check_overlay(overlay, output, overwrite, image=image)
     data, meta = read_image(image, axes=axes, level=level, series_uid=series)
     check_labels_output(output, meta, overwrite, compression)
@@ -87,63 +90,49 @@ def auto(image, output, mode, decoder, tile, halo, object_size, scale, points_pe
         plane_index(meta, zz, t, channel)
     check_image_fits(meta, model)  # and an image too elongated for the model
     predictor = Predictor(load_model(model, device=device, precision=precision), store=embeddings)
-    settings.amg = amg_settings_for(predictor.model, **amg_overrides)
-    if mode == "ais":  # a decoder that does not fit the model is refused before any work
-        settings.decoder = resolve_decoder(predictor, decoder)
-    applied = working_scale(settings, settings.decoder if mode == "ais" else None)
     keep = keep_classes.split(",") if keep_classes else None
     judge = None
     if classifier is not None:
-        from biosam.classify import classify_labels, load_classifier
+        from biosam.classify import load_classifier
 
         judge = load_classifier(classifier, predictor.model, source="image")
         judge.keep_ids(keep)  # unknown class names are refused before any work
     elif keep_classes is not None:
         raise click.UsageError("--keep-classes needs --classifier.")
+    volume = "Z" in meta.axes and depth > 1
+    settings.decoder = decoder
+    segmenter = PlaneSegmenter(predictor, settings, volume=volume and len(planes) > 1, amg_overrides=amg_overrides,
+                               link_iou=link_iou, judge=judge, keep=keep)
+    applied = working_scale(segmenter.settings, segmenter.settings.decoder if mode == "ais" else None)
     rejected = 0
 
     start = time.perf_counter()
-    volume = "Z" in meta.axes and depth > 1
     labels_meta = meta.labels_meta()
-    results, picture, offset, estimated = [], None, 0, None
+    results, picture = [], None
     warnings: list[str] = []  # also logged to stderr as they arise
-    linker = SliceLinker(link_iou) if volume and link_iou > 0 and len(planes) > 1 else None
     with open_labels(output, meta, streamed_label_dtype(labels_meta.shape, volume), overwrite=overwrite,
                      compression=compression) as out:
         for zz in tqdm(planes, desc="slices", disable=len(planes) < 2):
             key = zz if "Z" in meta.axes else None
             plane = read_plane(data, meta, key, t, channel)
-            warnings += filter(None, [check_contrast(plane, f"{image}{'' if key is None else f' (slice z={key})'}")])
-            sizing: dict = {}
-            labels = segment_automatic(predictor, plane, settings, progress=True, info=sizing)
-            if sizing.get("object_size") and settings.scale is None and settings.object_size is None:
-                settings.scale, estimated = sizing["scale"], sizing["object_size"]  # one scale for every slice
-            if judge is not None:
-                found = int(labels.max())
-                labels, kept = classify_labels(judge, predictor.model, to_uint8(plane, intensity), labels, keep)
-                labels = relabel_sequential(labels)[0]
-                rejected += found - len(kept)
-            if linker is not None:  # 3D ids, unique across the volume
-                before = linker.count
-                labels = linker.add(labels)
-                count = linker.count - before  # objects that start on this slice
-            else:
-                count = int(labels.max())
-                labels = np.where(labels > 0, labels.astype(np.int64) + offset, 0)
-                offset += count if volume else 0
+            result = segmenter.add(plane, key, str(image))
+            warnings += filter(None, [result.warning])
+            rejected += result.rejected
+            labels = result.labels
             if labels.max() > np.iinfo(out.dtype).max:
                 raise click.ClickException(f"{image}: {int(labels.max())} objects do not fit a {out.dtype} label image.")
             out[plane_index(labels_meta, key, t)] = labels.astype(out.dtype)
-            results.append({"z": key, "objects": count, "scale": sizing.get("scale", applied),
-                            "object_size": sizing.get("object_size", estimated or object_size)})
-            if overlay is not None and picture is None and (count or zz == planes[-1]):
+            results.append({"z": key, "objects": result.objects,
+                            "scale": result.scale if result.scale is not None else applied,
+                            "object_size": result.object_size if result.object_size is not None else object_size})
+            if overlay is not None and picture is None and (result.objects or zz == planes[-1]):
                 pixels = to_uint8(plane, intensity)
                 picture = render_overlay(np.dstack([pixels] * 3) if pixels.ndim == 2 else pixels, labels)
     if picture is not None:
         write_overlay(overlay, picture, output, overwrite)
     if as_json:
         report = {"image": str(image), "input": meta.summary(), "model": predictor.info.name, "mode": mode,
-                  "decoder": (settings.decoder.info or {}).get("source") if mode == "ais" else None,
+                  "decoder": (segmenter.settings.decoder.info or {}).get("source") if mode == "ais" else None,
                   "intensity": resolve_preset(intensity, np.dtype(meta.dtype)), "output": str(output),
                   "overlay": str(overlay) if overlay else None,
                   "objects": sum(r["objects"] for r in results),
@@ -154,3 +143,28 @@ def auto(image, output, mode, decoder, tile, halo, object_size, scale, points_pe
         else:  # the object size is estimated per image when --object-size and --scale are not given
             report |= {"scale": results[0]["scale"], "object_size": results[0]["object_size"]}
         click.echo(json.dumps(report, indent=2))
+
+
+def _blockwise(image, output, settings, amg_overrides, blocks, workers, scheduler, z, t, channel, axes, level, model,
+               device, precision, overwrite, as_json, unsupported: dict) -> None:
+    """``--blocks``: the image in blocks on Dask workers (see :func:`biosam.distributed.segment_blockwise`)."""
+    from types import SimpleNamespace
+
+    from biosam.automatic.run import amg_settings_for
+    from biosam.distributed.blockwise import segment_blockwise
+    from biosam.distributed.cluster import quiet_dask_logs
+    from biosam.zoo.registry import REGISTRY
+
+    quiet_dask_logs()
+
+    given = [name for name, value in unsupported.items() if value is not None]
+    if given:
+        raise click.UsageError(f"{', '.join(given)}: not available with --blocks.")
+    if settings.mode == "amg":  # the zoo's defaults for the model and the options given, without loading it here
+        settings.amg = amg_settings_for(SimpleNamespace(info=SimpleNamespace(spec=REGISTRY.get(model))),
+                                        **amg_overrides)
+    report = segment_blockwise(image, output, block=blocks, settings=settings, model=model, device=device,
+                               precision=precision, axes=axes, level=level, z=z, t=t, channel=channel,
+                               overwrite=overwrite, workers=workers, scheduler=scheduler)
+    if as_json:
+        click.echo(json.dumps({"image": str(image), "model": model, "mode": settings.mode, **report}, indent=2))

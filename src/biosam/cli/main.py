@@ -231,13 +231,17 @@ def models_fetch(name: str) -> None:
 
 
 def _register() -> None:
+    from biosam.cli.annotate import annotate
     from biosam.cli.auto import auto
+    from biosam.cli.batch import batch
     from biosam.cli.evaluate import evaluate
     from biosam.cli.tomogram import tomogram
     from biosam.cli.train import train
     from biosam.cli.volume import volume
 
+    main.add_command(annotate)
     main.add_command(auto)
+    main.add_command(batch)
     main.add_command(evaluate)
     main.add_command(tomogram)
     main.add_command(train)

@@ -65,9 +65,17 @@ def plane_shape(meta: ImageMeta) -> tuple[int, int]:
     return meta.shape[meta.axes.index("Y")], meta.shape[meta.axes.index("X")]
 
 
-def read_plane(data: Any, meta: ImageMeta, z: int | None = None, t: int | None = None, channel: int | None = None) -> np.ndarray:
-    """The 2D image (``YX`` or ``YXC``) at ``z``/``t``, optionally one ``channel``, as a NumPy array."""
-    plane = np.asarray(data[plane_index(meta, z, t, channel)])
+def read_plane(data: Any, meta: ImageMeta, z: int | None = None, t: int | None = None, channel: int | None = None,
+               box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """The 2D image (``YX`` or ``YXC``) at ``z``/``t``, optionally one ``channel``, as a NumPy array.
+
+    ``box`` ``(y0, y1, x0, x1)`` reads only that window (of a lazy array: only the chunks it touches).
+    """
+    index = plane_index(meta, z, t, channel)
+    if box is not None:
+        window = {"Y": slice(box[0], box[1]), "X": slice(box[2], box[3])}
+        index = tuple(window.get(a, i) for a, i in zip(meta.axes, index))
+    plane = np.asarray(data[index])
     kept = [a for a in meta.axes if a in "YX" or (a == "C" and channel is None)]
     if "C" in kept:
         plane = np.moveaxis(plane, kept.index("C"), -1)

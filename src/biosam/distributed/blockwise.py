@@ -1,0 +1,321 @@
+"""Automatic segmentation of one 2D image too large for one process: overlapping blocks on Dask workers.
+
+The blocks are the tiles of :func:`biosam.automatic.tiling.tile_grid` (inner boxes
+of ``block`` pixels that partition the image, each grown by ``halo`` on every
+side), and objects are joined across block faces by the rule of
+:func:`biosam.automatic.tiling.merge_instance_tiles`, applied with blocks as tiles:
+an object belongs to the block whose inner box holds its centre of mass and is
+kept whole, as segmented with the halo's context (so it is never cut at a face);
+it fills only pixels no earlier object took, and is dropped when more than half
+of it is taken (the same object kept from a neighbouring block). The result is
+therefore exactly ``merge_instance_tiles(normalised image, segment_automatic on
+a block, block + 2 * halo, halo)``, computed in four steps whose memory is set
+by the block, not the image:
+
+1. one intensity window for the whole image, from patches sampled over it, and
+   one scale (``ais``: estimated once on the central block unless given), so
+   every block sees the same contrast and object size;
+2. ``segment`` (one task per block, in parallel): :func:`segment_automatic` on
+   the block with its halo; the objects it owns are stored in a scratch Zarr
+   array the size of the block. A block of one grey value is skipped without
+   the model (as is one whose raw maximum is at most ``background``);
+3. ``decide`` (one task per block, after the earlier blocks that overlap it):
+   which owned objects are kept, painting them over the earlier blocks' kept
+   objects exactly as the sequential rule would;
+4. ``write`` (one task per output chunk, in parallel): every pixel gets the
+   kept object of the earliest block covering it; ids are numbered in block
+   order (contiguous 1..N, the type from :func:`biosam.labels.label_dtype`).
+
+The scratch folder (beside the output by default) must be reachable from every
+worker, as the input and output are: on a cluster, a shared file system.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from biosam.automatic.run import AutoSettings
+from biosam.automatic.tiling import Tile, owned_objects, paint_object, tile_grid
+from biosam.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+# Patches sampled for the intensity window: a grid of up to 4 x 4 of this size.
+_SAMPLE_PATCH, _SAMPLE_GRID = 256, 4
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the blocks' pixels come from: a file (read lazily by each task) or an array in memory."""
+
+    path: str | None = None
+    array: Any = None
+    axes: str | None = None
+    level: int | None = None
+    z: int | None = None
+    t: int | None = None
+    channel: int | None = None
+
+    def open(self) -> tuple[Any, Any]:
+        """The (lazy) pixel array and its :class:`ImageMeta`."""
+        from biosam.io import read_image
+        from biosam.io.meta import ImageMeta
+
+        if self.path is not None:
+            return read_image(self.path, axes=self.axes, level=self.level)
+        array = np.asarray(self.array) if not hasattr(self.array, "chunks") else self.array
+        axes = self.axes or {2: "YX", 3: "YXC"}.get(array.ndim)
+        if axes is None:
+            raise InputError(f"an array of shape {array.shape}: name its axes (e.g. 'YX', 'YXC', 'ZYX').")
+        return array, ImageMeta("array", "array", axes, tuple(array.shape), np.dtype(array.dtype).str)
+
+    def read(self, box: tuple[int, int, int, int], array: Any = None) -> np.ndarray:
+        """The window ``(y0, y1, x0, x1)`` of the chosen plane, ``YX`` or ``YXC`` (of ``array`` when given: the
+        copy a task received in place of the source's own)."""
+        from biosam.io import read_plane
+
+        data, meta = (self if array is None else dataclasses.replace(self, array=array)).open()
+        return read_plane(data, meta, self.z, self.t, self.channel, box=box)
+
+
+def intensity_normaliser(source: Source, intensity: str = "auto") -> Callable[[np.ndarray], np.ndarray]:
+    """A function mapping any window of ``source`` to 8-bit pixels with one intensity window for the whole image.
+
+    The window follows :func:`biosam.prompting.intensity.volume_normalizer` on a stack of patches sampled
+    over the image, so a block is normalised as the whole image would be (per block for colour images).
+    """
+    from biosam.automatic.run import to_uint8
+    from biosam.io.planes import plane_shape
+    from biosam.prompting.intensity import volume_normalizer
+
+    _, meta = source.open()
+    height, width = plane_shape(meta)
+    size = min(_SAMPLE_PATCH, height, width)
+    ys = np.unique(np.linspace(0, height - size, _SAMPLE_GRID).round().astype(int))
+    xs = np.unique(np.linspace(0, width - size, _SAMPLE_GRID).round().astype(int))
+    patches = [source.read((int(y), int(y) + size, int(x), int(x) + size)) for y in ys for x in xs]
+    if patches[0].ndim != 2:  # colour: each block on its own, as biosam.automatic.run.to_uint8 does it
+        return lambda pixels: to_uint8(pixels, intensity)
+    window = volume_normalizer(np.stack(patches), intensity)
+    return lambda pixels: np.rint(window(pixels)).astype(np.uint8)
+
+
+def block_grid(shape: tuple[int, int], block: int, halo: int) -> list[Tile]:
+    """Blocks of ``block`` pixels (inner boxes, partitioning ``shape``) grown by ``halo`` on each side."""
+    return tile_grid(shape, block + 2 * halo, halo)
+
+
+def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> tuple[int, int, int, int] | None:
+    y0, y1, x0, x1 = max(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), min(a[3], b[3])
+    return (y0, y1, x0, x1) if y0 < y1 and x0 < x1 else None
+
+
+def _blocks_over(tiles: list[Tile], box: tuple[int, int, int, int], columns: int) -> list[int]:
+    """Indices (ascending) of the blocks whose outer boxes overlap ``box``.
+
+    :func:`tile_grid` lists its tiles row by row (``columns`` to a row), so rows and columns are searched
+    apart: a few dozen comparisons per box, not one per block of a large image.
+    """
+    rows = [r for r in range(len(tiles) // columns)
+            if tiles[r * columns].outer[0] < box[1] and box[0] < tiles[r * columns].outer[1]]
+    cols = [c for c in range(columns) if tiles[c].outer[2] < box[3] and box[2] < tiles[c].outer[3]]
+    return [r * columns + c for r in rows for c in cols]
+
+
+def _within(box: tuple[int, int, int, int], origin: tuple[int, int, int, int]) -> tuple[slice, slice]:
+    """``box`` (image pixels) as slices of an array whose top-left corner is ``origin``'s."""
+    return slice(box[0] - origin[0], box[1] - origin[0]), slice(box[2] - origin[2], box[3] - origin[2])
+
+
+def _predictor(model: str, device: str | None, precision: str):
+    # On a worker load_model keeps its models (biosam.distributed.cluster), so this loads once per worker.
+    from biosam import Predictor, load_model
+
+    return Predictor(load_model(model, device=device, precision=precision))
+
+
+def _estimate_scale(source: Source, array: Any, boxes: list[tuple[int, int, int, int]], normalise: Callable,
+                    settings: AutoSettings, model: str, device: str | None, precision: str) -> float:
+    """The scale estimated on the first of ``boxes`` that is not empty (1.0 when all are)."""
+    from biosam.automatic.run import estimated_scale, resolve_decoder
+
+    for box in boxes:
+        pixels = normalise(source.read(box, array))
+        if pixels.min() != pixels.max():
+            predictor = _predictor(model, device, precision)
+            return estimated_scale(predictor, resolve_decoder(predictor, settings.decoder), pixels)
+    return 1.0
+
+
+def _segment_block(index: int, tile: Tile, source: Source, array: Any, normalise: Callable, settings: AutoSettings,
+                   model: str, device: str | None, precision: str, scratch: str,
+                   background: float | None) -> tuple[int, list[int], bool]:
+    """Step 2: segment block ``index`` with its halo and store the objects it owns; their ids, and whether
+    the block was skipped as empty."""
+    import zarr
+
+    from biosam.automatic.run import segment_automatic
+
+    raw = source.read(tile.outer, array)
+    if background is not None and float(raw.max()) <= background:
+        return index, [], True
+    pixels = normalise(raw)
+    del raw
+    if pixels.min() == pixels.max():  # segment_automatic returns nothing for it: spare the model
+        return index, [], True
+    labels = segment_automatic(_predictor(model, device, precision), pixels, settings)
+    owned = owned_objects(labels, tile)
+    if len(owned):
+        labels[~np.isin(labels, owned)] = 0
+        zarr.save_array(f"{scratch}/{index}", labels.astype(np.uint32, copy=False))
+    return index, [int(i) for i in owned], False
+
+
+def _read_owned(scratch: str, index: int, tile: Tile, box: tuple[int, int, int, int]) -> np.ndarray:
+    import zarr
+
+    return np.asarray(zarr.open_array(f"{scratch}/{index}", mode="r")[_within(box, tile.outer)])
+
+
+def _decide_block(index: int, tile: Tile, ids: list[int], neighbours: dict[int, Tile], scratch: str,
+                  max_overlap: float, *earlier: tuple[int, list[int]]) -> tuple[int, list[int]]:
+    """Step 3: the owned objects ``ids`` of block ``index`` that are kept, given the kept objects of the
+    ``earlier`` blocks that overlap it (``neighbours``: their tiles)."""
+    if not ids:
+        return index, []
+    local = _read_owned(scratch, index, tile, tile.outer)
+    region = np.zeros(local.shape, dtype=np.uint8)  # nonzero: taken by an earlier block's kept object
+    for other, kept in earlier:
+        box = _overlap(neighbours[other].outer, tile.outer)
+        if kept and box is not None:
+            region[_within(box, tile.outer)] |= np.isin(_read_owned(scratch, other, neighbours[other], box), kept)
+    return index, [i for i in ids if paint_object(region, local == i, 1, max_overlap)]
+
+
+def _write_chunk(box: tuple[int, int, int, int], out: Any, index: tuple,
+                 blocks: list[tuple[int, Tile, list[int], int]], scratch: str) -> int:
+    """Step 4: the final labels of one output chunk ``box`` from the ``blocks`` that overlap it (index, tile,
+    kept ids, first global id; in block order); the number of labelled pixels."""
+    labels = np.zeros((box[1] - box[0], box[3] - box[2]), dtype=out.dtype)
+    for i, tile, kept, first_id in blocks:  # block order: the earliest block's object wins a pixel
+        overlap = _overlap(tile.outer, box)
+        local = _read_owned(scratch, i, tile, overlap)
+        ids = np.asarray(kept)
+        where = labels[_within(overlap, box)]  # a view
+        fill = np.isin(local, ids) & (where == 0)
+        # kept ids are ascending, so each local id's rank among them is its offset from the block's first id
+        where[fill] = (first_id + np.searchsorted(ids, local[fill])).astype(labels.dtype)
+    out[(*index[:-2], slice(box[0], box[1]), slice(box[2], box[3]))] = labels  # label arrays end in Y, X
+    return int((labels > 0).sum())
+
+
+def segment_blockwise(image: str | Any, output: str | Path, *, block: int = 2048, halo: int | None = None,
+                      settings: AutoSettings | None = None, model: str = "lite_medsam", device: str | None = None,
+                      precision: str = "auto", axes: str | None = None, level: int | None = None,
+                      z: int | None = None, t: int | None = None, channel: int | None = None,
+                      background: float | None = None, max_overlap: float = 0.5, overwrite: bool = False,
+                      workers: int = 2, scheduler: str | None = None, client: Any = None,
+                      scratch: str | Path | None = None, progress: bool = True) -> dict:
+    """Segment a 2D image (a file, or a NumPy/Zarr array) block by block on a Dask cluster into Zarr ``output``.
+
+    ``block``: inner block size in pixels; ``halo`` (default ``block // 8``) must exceed the radius of
+    the largest object, which is kept whole from the block holding its centre. ``settings`` are
+    :func:`segment_automatic`'s (its ``tile`` and ``halo`` tile each block again for the model).
+    Returns a summary: objects, blocks, skipped blocks, the scale used, seconds, block and halo.
+    """
+    from tqdm.auto import tqdm
+
+    from biosam.distributed.cluster import open_client, require_distributed
+    from biosam.io import check_labels_output, open_labels, plane_index
+    from biosam.io.files import suffix_of
+    from biosam.io.planes import plane_shape
+    from biosam.labels import label_dtype
+
+    require_distributed()
+    from distributed import as_completed
+
+    start = time.perf_counter()
+    settings = dataclasses.replace(settings) if settings is not None else AutoSettings()
+    halo = block // 8 if halo is None else int(halo)
+    if block < 32 or halo < 0:
+        raise InputError(f"blocks: {block} px with a halo of {halo} px; give blocks of at least 32 px and a halo >= 0.")
+    output = Path(output)
+    if suffix_of(output) not in (".zarr", ".ome.zarr"):
+        raise InputError(f"{output}: blockwise segmentation writes Zarr chunk by chunk; name a .zarr or .ome.zarr "
+                         "output.")
+    source = Source(path=str(image), axes=axes, level=level, z=z, t=t, channel=channel) if isinstance(image, (str, Path)) \
+        else Source(array=image, axes=axes, z=z, t=t, channel=channel)
+    data, meta = source.open()
+    if "Z" in meta.axes and meta.shape[meta.axes.index("Z")] > 1 and z is None:
+        raise InputError(f"{meta.path}: a volume of {meta.shape[meta.axes.index('Z')]} slices; blockwise "
+                         "segmentation runs on one 2D plane: choose it with --z.")
+    plane_index(meta, z, t, channel)  # bad --z/--t/--channel are refused before any work
+    labels_meta = meta.labels_meta()
+    if labels_meta.axes[-2:] != "YX":
+        raise InputError(f"{meta.path}: axes {meta.axes}; blockwise segmentation needs Y and X as the last "
+                         "spatial axes.")
+    out_index = plane_index(labels_meta, z, t)
+    check_labels_output(output, meta, overwrite)
+    shape = plane_shape(meta)
+    tiles = block_grid(shape, block, halo)
+    columns = sum(1 for tl in tiles if tl.inner[0] == 0)  # tiles per row
+    normalise = intensity_normaliser(source, settings.intensity)
+    settings.intensity = "auto"  # the blocks arrive as 8-bit pixels, normalised with the whole image's window
+    scratch_dir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".blocks.tmp",
+                                        dir=scratch or output.parent))
+    try:
+        with open_client(workers, scheduler, client) as cl:
+            array = None
+            if isinstance(image, np.ndarray):  # one copy per worker, not one per task
+                array, source = cl.scatter(image, broadcast=True), dataclasses.replace(source, array=None)
+            model_args = (model, device, precision)
+            if settings.mode == "ais" and settings.scale is None and settings.object_size is None:
+                # on the block nearest the image centre that has contrast (a few tried: edges are often empty)
+                middle = np.array(shape) / 2
+                nearest = sorted(tiles, key=lambda tl: float(np.hypot(*(np.array(tl.outer[::2]) - middle + block / 2))))
+                settings.scale = cl.submit(_estimate_scale, source, array, [tl.outer for tl in nearest[:8]], normalise,
+                                           settings, *model_args, pure=False).result()
+                logger.info("blockwise: scale %.3g estimated", settings.scale)
+            futures = [cl.submit(_segment_block, i, tile, source, array, normalise, settings, *model_args,
+                                 str(scratch_dir), background, pure=False, key=f"biosam-block-{i}")
+                       for i, tile in enumerate(tiles)]
+            owned: dict[int, list[int]] = {}
+            skipped = 0
+            for future in tqdm(as_completed(futures), total=len(futures), desc="blocks", unit="block",
+                               disable=not progress):
+                i, owned[i], empty = future.result()
+                skipped += empty
+            decided: list[Any] = []
+            for i, tile in enumerate(tiles):  # each after the earlier blocks that overlap it
+                near = {j: tiles[j] for j in _blocks_over(tiles, tile.outer, columns) if j < i}
+                decided.append(cl.submit(_decide_block, i, tile, owned[i], near, str(scratch_dir), max_overlap,
+                                         *[decided[j] for j in near], pure=False, key=f"biosam-decide-{i}"))
+            kept = dict(f.result() for f in decided)
+            first_id, total = {}, 0
+            for i in range(len(tiles)):
+                first_id[i] = total + 1
+                total += len(kept[i])
+            with open_labels(output, meta, label_dtype(total), overwrite=overwrite) as out:
+                cy, cx = out.chunks[-2:]
+                boxes = [(y, min(y + cy, shape[0]), x, min(x + cx, shape[1]))
+                         for y in range(0, shape[0], cy) for x in range(0, shape[1], cx)]
+                blocks_of = [[(i, tiles[i], kept[i], first_id[i]) for i in _blocks_over(tiles, b, columns) if kept[i]]
+                             for b in boxes]
+                written = cl.map(_write_chunk, boxes, [out] * len(boxes), [out_index] * len(boxes), blocks_of,
+                                 [str(scratch_dir)] * len(boxes), pure=False)
+                cl.gather(written)
+    finally:
+        shutil.rmtree(scratch_dir, ignore_errors=True)
+    return {"output": str(output), "objects": total, "blocks": len(tiles), "skipped_blocks": skipped,
+            "scale": settings.scale, "block": block, "halo": halo, "shape": list(shape),
+            "seconds": round(time.perf_counter() - start, 2)}
