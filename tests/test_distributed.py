@@ -237,3 +237,95 @@ def test_a_copick_project_is_one_input_per_run(tmp_path):
     assert runs == [f"{uri}?run=TS_001", f"{uri}?run=TS_002"]
     assert output_for(runs[0], tmp_path / "out", ".mrc") == tmp_path / "out" / "TS_001.mrc"
     assert find_inputs([f"{uri}?run=TS_002"]) == [f"{uri}?run=TS_002"]
+
+
+def _merged_slice(volume: str, z: int, block: int, halo: int, settings) -> np.ndarray:
+    """One process's blockwise rule on one slice: merge_instance_tiles of segment_automatic per block."""
+    from biosam import Predictor, load_model
+    from biosam.automatic.run import segment_automatic
+    from biosam.automatic.tiling import merge_instance_tiles
+    from biosam.distributed.blockwise import Source, intensity_normaliser
+
+    source = Source(path=volume, z=z)
+    predictor = Predictor(load_model("lite_medsam"))
+    plane = source.open()[0][z]
+    return merge_instance_tiles(intensity_normaliser(source)(plane),
+                                lambda t: segment_automatic(predictor, t, settings), block + 2 * halo, halo)
+
+
+def test_blockwise_volume_links_slices_like_auto(client, tmp_path):
+    """A (Z, Y, X) zarr in blocks smaller than a slice = each slice's tiled labels linked by SliceLinker's rule."""
+    import zarr
+
+    from biosam.automatic.run import AutoSettings
+    from biosam.distributed import segment_blockwise
+    from biosam.volume import link_slices
+
+    volume = tifffile.imread(shared_file("stardist_synthetic_nuclei_3d", "img3d.tif"))[13:17]
+    path = str(tmp_path / "in.zarr")
+    zarr.create_array(path, data=volume, chunks=(1, 32, 32))
+    block, halo, settings = 32, 8, AutoSettings(scale=1.0)
+    report = segment_blockwise(path, tmp_path / "out.zarr", block=block, halo=halo, settings=settings,
+                               client=client, progress=False)
+    labels = np.asarray(zarr.open_group(str(tmp_path / "out.zarr"), mode="r")["0"])
+    assert labels.shape == volume.shape and report["slices"] == 4 and report["blocks"] == 16
+
+    # the same rule in one process per slice (run on the workers, in parallel), linked as `biosam auto` links
+    planes = client.gather(client.map(_merged_slice, [path] * 4, range(4), block=block, halo=halo,
+                                      settings=settings, pure=False))
+    expected = link_slices(np.stack(planes), 0.3)
+    assert report["objects"] == int(expected.max()) == int(labels.max()) > 3
+    assert np.array_equal(labels, expected)
+    # linked: some objects span several slices; none is cut at a block face (one piece per slice)
+    assert max(len(np.unique(np.nonzero(labels == i)[0])) for i in range(1, labels.max() + 1)) > 1
+    assert all(ndimage.label(plane == i)[1] <= 1 for plane in labels for i in np.unique(plane[plane > 0]))
+    # link_iou 0: the slices' objects keep their own ids, numbered on from slice to slice
+    apart = segment_blockwise(path, tmp_path / "apart.zarr", block=block, halo=halo, settings=settings,
+                              link_iou=0, client=client, progress=False)
+    assert apart["objects"] == sum(int(p.max()) for p in planes)
+
+
+def _visible_devices() -> str | None:
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def test_gpu_workers_get_one_device_and_the_resource(tmp_path, monkeypatch):
+    """gpus=2 on a CPU machine: two workers, each offering GPU=1 and seeing one device; tasks ask for GPU=1."""
+    from biosam.distributed import open_client, run_batch
+    from biosam.distributed.cluster import task_resources
+
+    with open_client(gpus=0) as plain:  # without GPUs nothing changes: no resources asked for
+        assert task_resources(plain) is None
+        assert all(not w.get("resources") for w in plain.scheduler_info()["workers"].values())
+    with open_client(gpus=2) as gpu:
+        workers = gpu.scheduler_info()["workers"].values()
+        assert sorted(w["resources"].get("GPU") for w in workers) == [1, 1]
+        assert sorted(gpu.run(_visible_devices).values()) == ["0", "1"]
+        assert task_resources(gpu) == {"GPU": 1}
+        asked = []
+        submit = gpu.submit
+        monkeypatch.setattr(gpu, "submit", lambda *a, **k: asked.append(k.get("resources")) or submit(*a, **k))
+        (tmp_path / "broken.tif").write_bytes(b"not a TIFF")  # fails fast, without loading a model
+        rows = run_batch("auto", [str(tmp_path / "broken.tif")], tmp_path / "out", [], client=gpu, progress=False)
+        assert [r.status for r in rows] == ["failed"] and asked == [{"GPU": 1}]
+
+
+def test_blockwise_volume_from_the_command_line(client, tmp_path):
+    """`biosam auto VOLUME.zarr --blocks`: the whole volume (no --z), empty blocks skipped, slices linked."""
+    import json
+
+    import zarr
+
+    volume = np.zeros((3, 64, 64), dtype=np.uint8)
+    zarr.create_array(str(tmp_path / "in.zarr"), data=volume, chunks=(1, 32, 32))
+    result = CliRunner().invoke(main, ["auto", str(tmp_path / "in.zarr"), "-o", str(tmp_path / "out.zarr"),
+                                       "--blocks", "32", "--scheduler", client.scheduler.address, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{"):])
+    assert (report["slices"], report["blocks"], report["skipped_blocks"], report["objects"]) == (3, 12, 12, 0)
+    labels = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")["0"]
+    assert labels.shape == (3, 64, 64) and not np.asarray(labels).any()
+    with pytest.raises(InputError, match="link_iou"):
+        from biosam.distributed import segment_blockwise
+
+        segment_blockwise(volume, tmp_path / "x.zarr", axes="ZYX", link_iou=1.5, client=client)

@@ -38,8 +38,8 @@ from biosam.cli.common import check_image_fits, check_overlay, input_options, wr
 @click.option("--link-iou", type=float, default=0.3, show_default=True,
               help="Volumes: objects of neighbouring slices overlapping by this IoU become one 3D object; 0 keeps slices apart.")
 @click.option("--blocks", type=click.IntRange(min=32), default=None, metavar="SIZE",
-              help="Images larger than one process: segment blocks of SIZE px (with a halo of SIZE / 8) on Dask "
-                   "workers and write the .zarr OUTPUT chunk by chunk (needs biosam[distributed]).")
+              help="Images and volumes larger than one process: segment blocks of SIZE px (with a halo of SIZE / 8) "
+                   "on Dask workers and write the .zarr OUTPUT chunk by chunk (needs biosam[distributed]).")
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
               help="With --blocks: worker processes started on this machine.")
 @click.option("--scheduler", default=None, metavar="ADDRESS", help="With --blocks: an existing Dask cluster (tcp://...).")
@@ -77,7 +77,7 @@ def auto(image, output, mode, decoder, tile, halo, object_size, scale, points_pe
     if blocks is not None:
         settings.decoder = decoder  # a path: each worker loads it beside its model
         _blockwise(image, output, settings, amg_overrides, blocks, workers, scheduler, z, t, channel, axes, level,
-                   model, device, precision, overwrite, as_json, unsupported={
+                   model, device, precision, overwrite, as_json, link_iou, unsupported={
                        "--classifier": classifier, "--overlay": overlay, "--series": series,
                        "--embeddings": embeddings})
         return
@@ -146,7 +146,7 @@ def auto(image, output, mode, decoder, tile, halo, object_size, scale, points_pe
 
 
 def _blockwise(image, output, settings, amg_overrides, blocks, workers, scheduler, z, t, channel, axes, level, model,
-               device, precision, overwrite, as_json, unsupported: dict) -> None:
+               device, precision, overwrite, as_json, link_iou, unsupported: dict) -> None:
     """``--blocks``: the image in blocks on Dask workers (see :func:`biosam.distributed.segment_blockwise`)."""
     from types import SimpleNamespace
 
@@ -165,6 +165,6 @@ def _blockwise(image, output, settings, amg_overrides, blocks, workers, schedule
                                         **amg_overrides)
     report = segment_blockwise(image, output, block=blocks, settings=settings, model=model, device=device,
                                precision=precision, axes=axes, level=level, z=z, t=t, channel=channel,
-                               overwrite=overwrite, workers=workers, scheduler=scheduler)
+                               link_iou=link_iou, overwrite=overwrite, workers=workers, scheduler=scheduler)
     if as_json:
         click.echo(json.dumps({"image": str(image), "model": model, "mode": settings.mode, **report}, indent=2))

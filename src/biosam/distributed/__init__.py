@@ -1,11 +1,11 @@
-"""Scale-out on Dask: many inputs on a cluster (:func:`run_batch`), one large image in blocks (:func:`segment_blockwise`).
+"""Scale-out on Dask: many inputs on a cluster (:func:`run_batch`), one large image or volume in blocks (:func:`segment_blockwise`).
 
 Needs the ``distributed`` extra (``pip install "biosam[distributed]"``); nothing
 here starts a cluster on import.
 
 - :mod:`biosam.distributed.cluster`: the client (a ``LocalCluster`` or an existing scheduler) and its workers' setup;
 - :mod:`biosam.distributed.batch`: one ``biosam`` command per input file, with resume and a summary table;
-- :mod:`biosam.distributed.blockwise`: automatic segmentation of an image larger than one process, block by block.
+- :mod:`biosam.distributed.blockwise`: automatic segmentation of an image or volume larger than one process, block by block.
 """
 
 from __future__ import annotations

@@ -197,7 +197,7 @@ def run_command_batch(command: click.Command, inputs: list[str], outdir: str | P
     """
     from tqdm.auto import tqdm
 
-    from biosam.distributed.cluster import open_client, require_distributed
+    from biosam.distributed.cluster import open_client, require_distributed, task_resources
     from biosam.io.files import check_output_path
 
     require_distributed()
@@ -220,8 +220,10 @@ def run_command_batch(command: click.Command, inputs: list[str], outdir: str | P
     if todo:
         run = uuid.uuid4().hex[:8]  # keys unique to this run: a key still known to the scheduler would be reused
         with open_client(workers, scheduler, client) as cl:
+            gpu = task_resources(cl)  # one input at a time per GPU, where the workers offer GPUs
+
             def submit(source: str, output: str, attempt: int) -> Any:
-                return cl.submit(run_one, command, source, output, options, pure=False,
+                return cl.submit(run_one, command, source, output, options, pure=False, resources=gpu,
                                  key=f"biosam-{command.name}-{run}-{attempt}-{Path(source).name}")
 
             futures = {submit(s, o, 0): (s, o, 0) for s, o in todo}

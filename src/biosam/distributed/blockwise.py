@@ -1,4 +1,4 @@
-"""Automatic segmentation of one 2D image too large for one process: overlapping blocks on Dask workers.
+"""Automatic segmentation of one image or volume too large for one process: overlapping blocks on Dask workers.
 
 The blocks are the tiles of :func:`biosam.automatic.tiling.tile_grid` (inner boxes
 of ``block`` pixels that partition the image, each grown by ``halo`` on every
@@ -26,6 +26,17 @@ by the block, not the image:
    kept object of the earliest block covering it; ids are numbered in block
    order (contiguous 1..N, the type from :func:`biosam.labels.label_dtype`).
 
+A volume (``Z`` axis, no ``z`` chosen) is segmented slice by slice by these
+steps (every slice's blocks on the workers at once, each slice with its own
+intensity window, one scale for all), and ``biosam auto``'s rule for volumes then
+makes 3D objects: objects of neighbouring slices are linked one-to-one by IoU
+(:meth:`biosam.volume.SliceLinker.link`, the rule of ``link_iou``). Step 4 writes
+each slice's labels (ids per slice) to a scratch array; one ``link`` task reads
+them slice by slice (two slices of labels held at a time) and returns a table
+per slice from slice ids to 3D ids; one ``relabel`` task per output chunk then
+writes the 3D ids. ``link_iou=0`` keeps the slices apart: ids continue from slice
+to slice, as ``biosam auto --link-iou 0`` numbers them.
+
 The scratch folder (beside the output by default) must be reachable from every
 worker, as the input and output are: on a cluster, a shared file system.
 """
@@ -37,6 +48,7 @@ import logging
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,12 +156,13 @@ def _predictor(model: str, device: str | None, precision: str):
     return Predictor(load_model(model, device=device, precision=precision))
 
 
-def _estimate_scale(source: Source, array: Any, boxes: list[tuple[int, int, int, int]], normalise: Callable,
+def _estimate_scale(candidates: list[tuple[Source, tuple[int, int, int, int], Callable]], array: Any,
                     settings: AutoSettings, model: str, device: str | None, precision: str) -> float:
-    """The scale estimated on the first of ``boxes`` that is not empty (1.0 when all are)."""
+    """The scale estimated on the first of ``candidates`` (plane, box, its normaliser) that is not empty (1.0
+    when all are)."""
     from biosam.automatic.run import estimated_scale, resolve_decoder
 
-    for box in boxes:
+    for source, box, normalise in candidates:
         pixels = normalise(source.read(box, array))
         if pixels.min() != pixels.max():
             predictor = _predictor(model, device, precision)
@@ -219,29 +232,51 @@ def _write_chunk(box: tuple[int, int, int, int], out: Any, index: tuple,
     return int((labels > 0).sum())
 
 
+def _link_slices(slices: Any, min_iou: float) -> tuple[list[np.ndarray], int]:
+    """Volumes: one table per slice of ``slices`` (per-slice ids) to 3D ids, and the number of 3D objects.
+
+    Reads one slice at a time; :class:`~biosam.volume.SliceLinker` keeps the previous one.
+    """
+    from biosam.volume import SliceLinker
+
+    linker = SliceLinker(min_iou)
+    tables = [linker.link(np.asarray(slices[k])) for k in range(slices.shape[0])]
+    return tables, linker.count
+
+
+def _relabel_chunk(box: tuple[int, int, int, int], slices: Any, k: int, table: np.ndarray, out: Any,
+                   index: tuple) -> None:
+    """Volumes: chunk ``box`` of slice ``k`` of ``slices`` written to ``out`` with its 3D ids."""
+    local = np.asarray(slices[k, box[0]:box[1], box[2]:box[3]])
+    out[(*index[:-2], slice(box[0], box[1]), slice(box[2], box[3]))] = table[local].astype(out.dtype)
+
+
 def segment_blockwise(image: str | Any, output: str | Path, *, block: int = 2048, halo: int | None = None,
                       settings: AutoSettings | None = None, model: str = "lite_medsam", device: str | None = None,
                       precision: str = "auto", axes: str | None = None, level: int | None = None,
                       z: int | None = None, t: int | None = None, channel: int | None = None,
-                      background: float | None = None, max_overlap: float = 0.5, overwrite: bool = False,
-                      workers: int = 2, scheduler: str | None = None, client: Any = None,
+                      link_iou: float = 0.3, background: float | None = None, max_overlap: float = 0.5,
+                      overwrite: bool = False, workers: int = 2, scheduler: str | None = None, client: Any = None,
                       scratch: str | Path | None = None, progress: bool = True) -> dict:
-    """Segment a 2D image (a file, or a NumPy/Zarr array) block by block on a Dask cluster into Zarr ``output``.
+    """Segment a 2D image or a volume (a file, or a NumPy/Zarr array) block by block on a Dask cluster into Zarr
+    ``output``.
 
     ``block``: inner block size in pixels; ``halo`` (default ``block // 8``) must exceed the radius of
     the largest object, which is kept whole from the block holding its centre. ``settings`` are
-    :func:`segment_automatic`'s (its ``tile`` and ``halo`` tile each block again for the model).
+    :func:`segment_automatic`'s (its ``tile`` and ``halo`` tile each block again for the model). A volume
+    is segmented whole unless ``z`` picks a slice; ``link_iou`` links its slices into 3D objects (0: not).
     Returns a summary: objects, blocks, skipped blocks, the scale used, seconds, block and halo.
     """
     from tqdm.auto import tqdm
 
-    from biosam.distributed.cluster import open_client, require_distributed
+    from biosam.distributed.cluster import open_client, require_distributed, task_resources
     from biosam.io import check_labels_output, open_labels, plane_index
     from biosam.io.files import suffix_of
     from biosam.io.planes import plane_shape
     from biosam.labels import label_dtype
 
     require_distributed()
+    import zarr
     from distributed import as_completed
 
     start = time.perf_counter()
@@ -249,6 +284,8 @@ def segment_blockwise(image: str | Any, output: str | Path, *, block: int = 2048
     halo = block // 8 if halo is None else int(halo)
     if block < 32 or halo < 0:
         raise InputError(f"blocks: {block} px with a halo of {halo} px; give blocks of at least 32 px and a halo >= 0.")
+    if not 0.0 <= link_iou <= 1.0:
+        raise InputError(f"link_iou: {link_iou}; give a value in [0, 1] (0 keeps the slices apart).")
     output = Path(output)
     if suffix_of(output) not in (".zarr", ".ome.zarr"):
         raise InputError(f"{output}: blockwise segmentation writes Zarr chunk by chunk; name a .zarr or .ome.zarr "
@@ -256,66 +293,102 @@ def segment_blockwise(image: str | Any, output: str | Path, *, block: int = 2048
     source = Source(path=str(image), axes=axes, level=level, z=z, t=t, channel=channel) if isinstance(image, (str, Path)) \
         else Source(array=image, axes=axes, z=z, t=t, channel=channel)
     data, meta = source.open()
-    if "Z" in meta.axes and meta.shape[meta.axes.index("Z")] > 1 and z is None:
-        raise InputError(f"{meta.path}: a volume of {meta.shape[meta.axes.index('Z')]} slices; blockwise "
-                         "segmentation runs on one 2D plane: choose it with --z.")
-    plane_index(meta, z, t, channel)  # bad --z/--t/--channel are refused before any work
+    depth = meta.shape[meta.axes.index("Z")] if "Z" in meta.axes else 1
+    planes: list[int | None] = list(range(depth)) if z is None and depth > 1 else [z]
+    plane_index(meta, planes[0], t, channel)  # bad --z/--t/--channel are refused before any work
     labels_meta = meta.labels_meta()
     if labels_meta.axes[-2:] != "YX":
         raise InputError(f"{meta.path}: axes {meta.axes}; blockwise segmentation needs Y and X as the last "
                          "spatial axes.")
-    out_index = plane_index(labels_meta, z, t)
     check_labels_output(output, meta, overwrite)
     shape = plane_shape(meta)
     tiles = block_grid(shape, block, halo)
     columns = sum(1 for tl in tiles if tl.inner[0] == 0)  # tiles per row
-    normalise = intensity_normaliser(source, settings.intensity)
+    sources = [dataclasses.replace(source, z=p) for p in planes]
+    # one window per slice, as `biosam auto` normalises each slice of a volume on its own
+    normalisers = [intensity_normaliser(src, settings.intensity) for src in sources]
     settings.intensity = "auto"  # the blocks arrive as 8-bit pixels, normalised with the whole image's window
+    link = len(planes) > 1 and link_iou > 0
+    run = uuid.uuid4().hex[:8]  # task keys unique to this call, on a client that may have run others
+    jobs = [(k, i) for k in range(len(planes)) for i in range(len(tiles))]
     scratch_dir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".blocks.tmp",
                                         dir=scratch or output.parent))
     try:
         with open_client(workers, scheduler, client) as cl:
+            gpu = task_resources(cl)  # the model's tasks on GPU workers, where the cluster has them
             array = None
             if isinstance(image, np.ndarray):  # one copy per worker, not one per task
-                array, source = cl.scatter(image, broadcast=True), dataclasses.replace(source, array=None)
+                array = cl.scatter(image, broadcast=True)
+                sources = [dataclasses.replace(src, array=None) for src in sources]
             model_args = (model, device, precision)
             if settings.mode == "ais" and settings.scale is None and settings.object_size is None:
-                # on the block nearest the image centre that has contrast (a few tried: edges are often empty)
+                # on the blocks nearest the centre of the middle slice that have contrast (edges are often empty)
                 middle = np.array(shape) / 2
                 nearest = sorted(tiles, key=lambda tl: float(np.hypot(*(np.array(tl.outer[::2]) - middle + block / 2))))
-                settings.scale = cl.submit(_estimate_scale, source, array, [tl.outer for tl in nearest[:8]], normalise,
-                                           settings, *model_args, pure=False).result()
+                mid = len(planes) // 2
+                candidates = [(sources[mid], tl.outer, normalisers[mid]) for tl in nearest[:8]]
+                settings.scale = cl.submit(_estimate_scale, candidates, array, settings, *model_args, pure=False,
+                                           resources=gpu).result()
                 logger.info("blockwise: scale %.3g estimated", settings.scale)
-            futures = [cl.submit(_segment_block, i, tile, source, array, normalise, settings, *model_args,
-                                 str(scratch_dir), background, pure=False, key=f"biosam-block-{i}")
-                       for i, tile in enumerate(tiles)]
-            owned: dict[int, list[int]] = {}
+            futures = [cl.submit(_segment_block, i, tiles[i], sources[k], array, normalisers[k], settings,
+                                 *model_args, f"{scratch_dir}/{k}", background, pure=False, resources=gpu,
+                                 key=f"biosam-block-{run}-{k}-{i}") for k, i in jobs]
+            owned: dict[tuple[int, int], list[int]] = {}
             skipped = 0
+            done = {f.key: job for f, job in zip(futures, jobs)}
             for future in tqdm(as_completed(futures), total=len(futures), desc="blocks", unit="block",
                                disable=not progress):
-                i, owned[i], empty = future.result()
+                _, ids, empty = future.result()
+                owned[done[future.key]] = ids
                 skipped += empty
-            decided: list[Any] = []
-            for i, tile in enumerate(tiles):  # each after the earlier blocks that overlap it
-                near = {j: tiles[j] for j in _blocks_over(tiles, tile.outer, columns) if j < i}
-                decided.append(cl.submit(_decide_block, i, tile, owned[i], near, str(scratch_dir), max_overlap,
-                                         *[decided[j] for j in near], pure=False, key=f"biosam-decide-{i}"))
-            kept = dict(f.result() for f in decided)
+            decided: dict[tuple[int, int], Any] = {}
+            for k, i in jobs:  # each after the earlier blocks of its slice that overlap it
+                near = {j: tiles[j] for j in _blocks_over(tiles, tiles[i].outer, columns) if j < i}
+                decided[k, i] = cl.submit(_decide_block, i, tiles[i], owned[k, i], near, f"{scratch_dir}/{k}",
+                                          max_overlap, *[decided[k, j] for j in near], pure=False,
+                                          key=f"biosam-decide-{run}-{k}-{i}")
+            kept = {job: f.result()[1] for job, f in decided.items()}
             first_id, total = {}, 0
-            for i in range(len(tiles)):
-                first_id[i] = total + 1
-                total += len(kept[i])
+            for k, i in jobs:  # linked slices are numbered on their own (the link step gives 3D ids)
+                if link and i == 0:
+                    total = 0
+                first_id[k, i] = total + 1
+                total += len(kept[k, i])
+
+            def chunks_of(chunk: tuple[int, ...]) -> list[tuple[int, int, int, int]]:
+                cy, cx = chunk[-2:]
+                return [(y, min(y + cy, shape[0]), x, min(x + cx, shape[1]))
+                        for y in range(0, shape[0], cy) for x in range(0, shape[1], cx)]
+
+            def write(target: Any, indices: list[tuple]) -> None:
+                """Step 4 for every slice into ``target`` (the output, or the scratch slices to link)."""
+                boxes = chunks_of(target.chunks)
+                args = [(box, target, indices[k], [(i, tiles[i], kept[k, i], first_id[k, i])
+                                                   for i in _blocks_over(tiles, box, columns) if kept[k, i]],
+                         f"{scratch_dir}/{k}") for k in range(len(planes)) for box in boxes]
+                cl.gather(cl.map(_write_chunk, *zip(*args), pure=False))
+
+            out_index = [plane_index(labels_meta, p, t) for p in planes]
+            if link:
+                slices = zarr.create_array(str(scratch_dir / "slices"), shape=(len(planes), *shape),
+                                           chunks=(1, min(block, shape[0]), min(block, shape[1])),
+                                           dtype=np.uint32, fill_value=0)
+                write(slices, [(k, slice(None), slice(None)) for k in range(len(planes))])
+                tables, total = cl.submit(_link_slices, slices, link_iou, pure=False,
+                                          key=f"biosam-link-{run}").result()
+                logger.info("blockwise: %d slices linked into %d objects", len(planes), total)
             with open_labels(output, meta, label_dtype(total), overwrite=overwrite) as out:
-                cy, cx = out.chunks[-2:]
-                boxes = [(y, min(y + cy, shape[0]), x, min(x + cx, shape[1]))
-                         for y in range(0, shape[0], cy) for x in range(0, shape[1], cx)]
-                blocks_of = [[(i, tiles[i], kept[i], first_id[i]) for i in _blocks_over(tiles, b, columns) if kept[i]]
-                             for b in boxes]
-                written = cl.map(_write_chunk, boxes, [out] * len(boxes), [out_index] * len(boxes), blocks_of,
-                                 [str(scratch_dir)] * len(boxes), pure=False)
-                cl.gather(written)
+                if link:
+                    args = [(box, slices, k, tables[k], out, out_index[k])
+                            for k in range(len(planes)) for box in chunks_of(out.chunks)]
+                    cl.gather(cl.map(_relabel_chunk, *zip(*args), pure=False))
+                else:
+                    write(out, out_index)
     finally:
         shutil.rmtree(scratch_dir, ignore_errors=True)
-    return {"output": str(output), "objects": total, "blocks": len(tiles), "skipped_blocks": skipped,
-            "scale": settings.scale, "block": block, "halo": halo, "shape": list(shape),
-            "seconds": round(time.perf_counter() - start, 2)}
+    report = {"output": str(output), "objects": total, "blocks": len(jobs), "skipped_blocks": skipped,
+              "scale": settings.scale, "block": block, "halo": halo, "shape": list(shape),
+              "seconds": round(time.perf_counter() - start, 2)}
+    if len(planes) > 1:
+        report |= {"slices": len(planes), "link_iou": link_iou}
+    return report

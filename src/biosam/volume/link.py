@@ -41,6 +41,15 @@ class SliceLinker:
     def add(self, labels: np.ndarray) -> np.ndarray:
         """The next slice's 2D instance labels -> the same slice with 3D object ids (int64)."""
         labels = np.asarray(labels).astype(np.int64, copy=False)
+        return self.link(labels)[labels]
+
+    def link(self, labels: np.ndarray) -> np.ndarray:
+        """The next slice's 2D instance labels -> a table of their 3D object ids (int64; ``table[labels]`` is
+        :meth:`add`'s result), for callers that write the slice piece by piece.
+
+        Holds this slice until the next call: two slices of labels at a time.
+        """
+        labels = np.asarray(labels).astype(np.int64, copy=False)
         current = np.unique(labels)
         current = current[current > 0]
         ids: dict[int, int] = {}
@@ -63,7 +72,7 @@ class SliceLinker:
                 ids[int(label)] = self.count
             lut[label] = ids[int(label)]
         self._previous, self._ids = labels, ids
-        return lut[labels]
+        return lut
 
 
 def link_slices(labels: np.ndarray, min_iou: float = 0.3) -> np.ndarray:
