@@ -131,7 +131,7 @@ def main() -> None:
         folder = Path(tmp)
         rates = [] if args.skip_throughput or args.only_volume else [throughput(images, n, folder) for n in (1, 2)]
         bigs = []
-        for size in ([] if args.only_volume else (int(v) for v in args.sizes.split(","))):
+        for size in ([] if args.only_volume else (int(v) for v in args.sizes.split(",") if v)):
             sub = folder / str(size)
             sub.mkdir()
             bigs.append(blockwise(size, sub))
