@@ -29,6 +29,7 @@ from qtpy.QtWidgets import (
 )
 
 from biosam.errors import BiosamError, InputError
+from biosam.napari.automatic import labels_geometry
 from biosam.napari.model_selector import ModelSelector
 from biosam.napari.session import AnnotationSession
 from biosam.prompting.zoom import ZOOM_MODES
@@ -311,11 +312,10 @@ class AnnotatorWidget(QWidget):
         for name in (POINTS, BOXES, CURRENT, COMMITTED):
             if name in self.viewer.layers:
                 self.viewer.layers.remove(name)
-        where = {"scale": image.scale, "translate": image.translate, "units": image.units}
-        committed = np.zeros(shape, dtype=np.uint32)
-        # the image's biosam metadata lets biosam's writer save the labels in the image's geometry
-        metadata = {"biosam": image.metadata["biosam"]} if "biosam" in image.metadata else {}
-        self.viewer.add_labels(committed, name=COMMITTED, metadata=metadata, **where)
+        # the committed labels carry the image's biosam metadata, so biosam's writer saves them in its geometry
+        geometry = labels_geometry(image)
+        where = {k: v for k, v in geometry.items() if k != "metadata"}
+        self.viewer.add_labels(np.zeros(shape, dtype=np.uint32), name=COMMITTED, **geometry)
         self.viewer.add_labels(np.zeros(shape, dtype=np.uint8), name=CURRENT, opacity=0.6, **where)
         self.viewer.add_shapes(name=BOXES, ndim=ndim, face_color="transparent", edge_color="yellow",
                                edge_width=max(1.0, min(shape[-2:]) / 400), **where)
