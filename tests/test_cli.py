@@ -145,9 +145,10 @@ def test_models_lists_the_zoo():
     res = run("models")
     assert res.exit_code == 0
     lines = res.output.splitlines()
-    assert lines[0].split()[:2] == ["name", "architecture"]
+    assert lines[0].split()[:3] == ["name", "version", "architecture"]
     names = {line.split()[0] for line in lines[1:]}
-    assert {"lite_medsam", "vit_b", "vit_b_lm", "medsam", "vit_t", "sam2.1_hiera_tiny"} <= names
+    assert {"lite_medsam", "vit_b", "vit_b_lm", "vit_b_lm:v2", "medsam", "vit_t", "sam2.1_hiera_tiny"} <= names
+    assert next(line for line in lines if line.startswith("vit_b_lm:v2")).split()[1] == "v2"
     lite = next(line for line in lines if line.startswith("lite_medsam"))
     assert "cached" in lite
     rows = json.loads(run("models", "--json").stdout)

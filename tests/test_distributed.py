@@ -329,3 +329,14 @@ def test_blockwise_volume_from_the_command_line(client, tmp_path):
         from biosam.distributed import segment_blockwise
 
         segment_blockwise(volume, tmp_path / "x.zarr", axes="ZYX", link_iou=1.5, client=client)
+
+
+def test_array_axes_are_guessed_like_images():
+    """A NumPy volume needs no axes: a last axis of up to 4 is colour, anything else deeper is Z."""
+    from biosam.distributed.blockwise import Source
+
+    assert Source(array=np.zeros((31, 61, 57), np.uint8)).open()[1].axes == "ZYX"
+    assert Source(array=np.zeros((61, 57, 3), np.uint8)).open()[1].axes == "YXC"
+    assert Source(array=np.zeros((61, 57), np.uint8)).open()[1].axes == "YX"
+    with pytest.raises(InputError, match="name its axes"):
+        Source(array=np.zeros((2, 3, 61, 57), np.uint8)).open()

@@ -24,7 +24,9 @@ import biosam.zoo  # noqa: E402
 from biosam.zoo import (  # noqa: E402
     REGISTRY,
     EmbeddedAssetError,
+    ModelSpec,
     UnknownModelError,
+    UnknownVersionError,
     UnsupportedModelError,
     ZooError,
     cache_path,
@@ -33,8 +35,11 @@ from biosam.zoo import (  # noqa: E402
     lite_medsam_path,
     list_specs,
     resolve_checkpoint,
+    split_name,
+    versions_of,
 )
 from biosam.zoo import embedded  # noqa: E402
+from biosam.errors import InputError  # noqa: E402
 
 CONFIG_KEYS = {"vit_b", "vit_l", "vit_h", "vit_t", "lite_medsam"}
 SAM_V1_FAMILIES = {"sam", "medsam", "lite_medsam"}
@@ -78,8 +83,13 @@ def test_md_parse_is_sane(model_zoo_md):
     assert {"vit_h", "lite_medsam", "vit_b_lm_decoder", "sam2_hiera_large", "medsam2"} <= set(model_zoo_md)
 
 
+def _plain_names() -> set[str]:
+    return {name for name in REGISTRY if split_name(name)[1] is None}
+
+
 def test_every_documented_model_is_registered_with_its_hash(model_zoo_md):
-    assert set(model_zoo_md) == set(REGISTRY)
+    # MODEL_ZOO.md lists the newest version of each model, which answers to the plain name.
+    assert set(model_zoo_md) == _plain_names()
     for name, digest in model_zoo_md.items():
         known = REGISTRY[name].known_hash
         if digest is None:
@@ -99,8 +109,11 @@ def test_registry_entries_are_consistent():
         if spec.family == "sam2":
             assert spec.architecture.startswith("hiera_") and spec.supported, spec.name
         if spec.family == "decoder":
-            assert not spec.supported and spec.name.endswith("_decoder")
-            assert spec.architecture == REGISTRY[spec.name.removesuffix("_decoder")].architecture
+            assert not spec.supported and spec.base_name.endswith("_decoder")
+            assert spec.architecture == REGISTRY[spec.base_name.removesuffix("_decoder")].architecture
+            # every decoder version belongs to a model of the same version
+            model = spec.qualified_name.replace("_decoder", "", 1)
+            assert REGISTRY[model].version == spec.version, spec.name
         if spec.family in SAM_V1_FAMILIES:
             assert spec.supported and spec.size_mb > 0, spec.name
         if spec.url is not None:
@@ -109,7 +122,7 @@ def test_registry_entries_are_consistent():
             assert spec.name == "lite_medsam"
     urls = [s.url for s in list_specs() if s.url]
     assert len(urls) == len(set(urls))
-    assert len({cache_path(s) for s in list_specs()}) == len(REGISTRY)
+    assert len({cache_path(s) for s in list_specs()}) == len(list_specs())
     assert get_spec("medsam").url == "https://zenodo.org/records/10689643/files/medsam_vit_b.pth"
     assert get_spec("medsam").defaults["prompt"] == "box"
     assert get_spec("lite_medsam").known_hash == f"sha256:{LITE_SHA256}"
@@ -137,7 +150,8 @@ def test_every_runnable_model_has_a_domain_and_size_to_choose_it_by():
     chosen = {name for d in DOMAINS for s in SIZES for name in models_for(d, s)}
     assert chosen == {s.name for s in REGISTRY.values() if s.supported}
     assert models_for("medical imaging", "tiny")[0] == DEFAULT_MODEL
-    assert models_for("light microscopy", "base") == ["vit_b_lm"]
+    # every version is offered, the newest (the plain name) first
+    assert models_for("light microscopy", "base") == ["vit_b_lm", "vit_b_lm:v3", "vit_b_lm:v2", "vit_b_lm:v1"]
     assert models_for("histopathology", "huge") == ["vit_h_histopathology"]
     assert "vit_b_em_organelles" in models_for("cryo-ET") and "sam2.1_hiera_large" in models_for("cryo-ET", "large")
     with pytest.raises(ValueError, match="unknown domain"):
@@ -153,6 +167,97 @@ def test_unknown_name_suggests_close_names():
     assert "not a zoo name nor an existing file" in message
     assert "'vit_b_lm'" in message and "biosam models" in message
     assert isinstance(info.value, ZooError)
+
+
+def test_split_name():
+    assert split_name("vit_b_lm:v2") == ("vit_b_lm", "v2")
+    assert split_name("vit_b_lm") == ("vit_b_lm", None)
+    assert split_name("sam2.1_hiera_tiny") == ("sam2.1_hiera_tiny", None)
+    assert split_name("vit_b_lm:") == ("vit_b_lm", "")
+
+
+def test_micro_sam_versions_are_registered():
+    # Labels as in micro-sam's documentation: v1 preprint (Zenodo), v2 publication (bioimage.io
+    # record version 1), v3 LM retrained (1.1), v4 current (1.2); ViT-T not retrained for v4.
+    assert versions_of("vit_b_lm") == ["v4", "v3", "v2", "v1"]
+    assert versions_of("vit_l_lm") == ["v4", "v3", "v2"]
+    assert versions_of("vit_t_lm") == ["v3", "v2"]
+    assert versions_of("vit_b_em_organelles") == ["v4", "v2", "v1"]
+    assert versions_of("vit_l_em_organelles") == ["v4", "v2"]
+    assert versions_of("vit_t_em_organelles") == ["v2"]
+    assert versions_of("vit_b_lm_decoder") == ["v4", "v2"]  # v1 on Zenodo has no decoder, v3's hash is unknown
+    assert versions_of("vit_b_lm:v2") == versions_of("vit_b_lm")
+    assert versions_of("vit_b") == [] and versions_of("vit_b_histopathology") == [] and versions_of("nope") == []
+
+    newest = get_spec("vit_b_lm")
+    assert get_spec("vit_b_lm:v4") is newest and newest.version == "v4" and newest.qualified_name == "vit_b_lm:v4"
+    assert newest.url.endswith("diplomatic-bug/1.2/files/vit_b.pt")
+    v2 = get_spec("vit_b_lm:v2")
+    assert (v2.name, v2.base_name, v2.version) == ("vit_b_lm:v2", "vit_b_lm", "v2")
+    assert v2.url.endswith("diplomatic-bug/1/files/vit_b.pt") and v2.known_hash == "xxh128:61ce01ea731d89ae41a252480368f886"
+    assert get_spec("vit_b_lm:v3").known_hash is None  # no published hash: honest None, not a guess
+    assert get_spec("vit_b_lm:v1").url == "https://zenodo.org/records/10524791/files/vit_b_lm.pth"
+    assert get_spec("vit_t_em_organelles:v2") is get_spec("vit_t_em_organelles")
+    # the older versions are the same architecture, preprocessing and domain as the newest
+    for spec in list_specs():
+        if spec.version is not None:
+            plain = get_spec(spec.base_name)
+            assert (spec.architecture, spec.preprocessing, spec.family) == (
+                plain.architecture, plain.preprocessing, plain.family), spec.name
+    with pytest.raises(ValueError, match="has version"):
+        ModelSpec(name="x:v2", family="sam", architecture="vit_b", domain="d", url=None, known_hash=None,
+                  filename="x.pt", size_mb=None, preprocessing="sam", version="v1")
+
+
+def test_versions_have_their_own_cache_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("BIOSAM_CACHE_DIR", str(tmp_path))
+    paths = {v: cache_path(get_spec(f"vit_b_lm:{v}")) for v in versions_of("vit_b_lm")}
+    assert len(set(paths.values())) == 4
+    # one folder per model (no ':' in any path: Windows forbids it), one file per version
+    assert {p.parent for p in paths.values()} == {tmp_path / "vit_b_lm"}
+    assert paths["v2"].name == "vit_b_lm_v2.pt" and paths["v4"] == cache_path(get_spec("vit_b_lm"))
+    assert not any(":" in str(cache_path(s).relative_to(tmp_path)) for s in list_specs() if s.url)
+
+
+def test_bad_versions_say_which_exist():
+    with pytest.raises(UnknownVersionError) as info:
+        get_spec("vit_b_lm:v9")
+    message = str(info.value)
+    assert "'vit_b_lm' has no version 'v9'" in message
+    assert "v4 (newest, the default), v3, v2, v1" in message and "did you mean" not in message.lower()
+    # a clear input error for the command line and the GUI, and still an unknown model for the zoo
+    assert isinstance(info.value, InputError) and isinstance(info.value, UnknownModelError)
+    with pytest.raises(UnknownVersionError, match=r"Did you mean 'vit_b_lm:v2'\?"):
+        get_spec("vit_b_lm:V2")
+    with pytest.raises(UnknownVersionError, match=r"Did you mean 'vit_t_lm:v2'\?"):
+        get_spec("vit_t_lm:2")
+    with pytest.raises(UnknownVersionError, match=r"one version only .* write 'vit_b' instead of 'vit_b:v1'"):
+        get_spec("vit_b:v1")
+    with pytest.raises(UnknownVersionError, match=r"versions are v4 \(newest, the default\), v2\."):
+        get_spec("vit_b_lm_decoder:v3")
+    # a misspelt model keeps its version in the suggestion
+    with pytest.raises(UnknownModelError, match=r"did you mean 'vit_b_lm:v2'") as info:
+        get_spec("vit_b_lmm:v2")
+    assert not isinstance(info.value, UnknownVersionError)
+
+
+def test_resolve_versions(tmp_path, monkeypatch):
+    monkeypatch.setenv("BIOSAM_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(UnknownVersionError, match="has no version 'v9'"):
+        resolve_checkpoint("vit_b_lm:v9")
+    with pytest.raises(UnsupportedModelError, match="use 'vit_b_lm:v2'"):
+        resolve_checkpoint("vit_b_lm_decoder:v2")
+    # A version without a published hash, placed by hand: used as it is, no network.
+    spec = get_spec("vit_l_lm:v3")
+    placed = cache_path(spec)
+    placed.parent.mkdir(parents=True)
+    placed.write_bytes(b"weights")
+    assert resolve_checkpoint("vit_l_lm:v3") == (placed, spec)
+    assert not cache_path(get_spec("vit_l_lm")).exists()  # the newest is a different file
+    # An existing file whose name looks like a bad version is a file, not an error.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "vit_b_lm:v9").write_bytes(b"weights")
+    assert resolve_checkpoint("vit_b_lm:v9") == (Path("vit_b_lm:v9"), None)
 
 
 def test_resolve_existing_file_and_folder(tmp_path, monkeypatch):
@@ -220,11 +325,14 @@ def test_describe_models(tmp_path, monkeypatch):
     placed.parent.mkdir(parents=True)
     placed.write_bytes(b"x")
     rows = {row["name"]: row for row in describe_models()}
-    assert list(rows) == list(REGISTRY)
-    keys = {"name", "architecture", "family", "size_mb", "domain", "cached", "supported"}
+    assert list(rows) == [s.name for s in list_specs()]
+    keys = {"name", "version", "architecture", "family", "size_mb", "domain", "cached", "supported"}
     assert all(set(row) == keys for row in rows.values())
     assert rows["lite_medsam"]["cached"] and rows["vit_b_lm"]["cached"]
     assert not rows["vit_b"]["cached"]
+    # each version is a row of its own, cached separately
+    assert rows["vit_b_lm"]["version"] == "v4" and rows["vit_b"]["version"] is None
+    assert rows["vit_b_lm:v2"]["version"] == "v2" and not rows["vit_b_lm:v2"]["cached"]
     assert rows["vit_h"]["size_mb"] == pytest.approx(2564, rel=0.01)
     assert rows["medsam2"]["supported"] and not rows["vit_b_lm_decoder"]["supported"]
     json.dumps(list(rows.values()))  # plain data, ready for the CLI

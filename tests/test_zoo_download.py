@@ -27,6 +27,7 @@ if importlib.util.find_spec("biosam") is None:  # running from a checkout withou
 from biosam.zoo import (  # noqa: E402
     DownloadError,
     ModelSpec,
+    UnknownVersionError,
     UnsupportedModelError,
     cache_dir,
     cache_path,
@@ -35,7 +36,8 @@ from biosam.zoo import (  # noqa: E402
     is_cached,
     resolve_checkpoint,
 )
-from biosam.zoo import resolve as resolve_module  # noqa: E402
+from biosam.zoo import registry as registry_module  # noqa: E402
+from biosam.zoo.registry import index_specs  # noqa: E402
 
 PAYLOAD = os.urandom(300_000)
 XXH128 = "xxh128:" + xxhash.xxh128_hexdigest(PAYLOAD)
@@ -99,9 +101,10 @@ def cache(tmp_path, monkeypatch) -> Path:
     return root
 
 
-def _spec(url: str | None, known_hash: str | None, name: str = "test_model", **kw) -> ModelSpec:
+def _spec(url: str | None, known_hash: str | None, name: str = "test_model", filename: str = "weights.pt",
+          **kw) -> ModelSpec:
     return ModelSpec(name=name, family="sam", architecture="vit_b", domain="test", url=url,
-                     known_hash=known_hash, filename="weights.pt", size_mb=0.3,
+                     known_hash=known_hash, filename=filename, size_mb=0.3,
                      preprocessing="sam", defaults={}, **kw)
 
 
@@ -164,9 +167,49 @@ def test_download_then_cache_hit(server, cache, known_hash):
 def test_resolve_zoo_name_downloads(server, cache, monkeypatch):
     server.routes["/w.pt"] = ("ok", PAYLOAD)
     spec = _spec(server.url("/w.pt"), XXH128)
-    monkeypatch.setattr(resolve_module, "REGISTRY", {spec.name: spec})
+    monkeypatch.setattr(registry_module, "REGISTRY", index_specs([spec]))
     path, got = resolve_checkpoint("test_model", progress=False)
     assert got is spec and path.read_bytes() == PAYLOAD
+
+
+def test_versions_download_side_by_side(server, cache, monkeypatch):
+    """Each version of a model downloads from its own address, is checked against its own
+    hash and keeps its own cache file; the plain name is the newest version."""
+    old_payload = os.urandom(200_000)
+    server.routes["/v2.pt"] = ("ok", PAYLOAD)
+    server.routes["/v1.pt"] = ("ok", old_payload)
+    newest = _spec(server.url("/v2.pt"), XXH128, filename="test_model_v2.pt", version="v2")
+    older = _spec(server.url("/v1.pt"), "xxh128:" + xxhash.xxh128_hexdigest(old_payload),
+                  name="test_model:v1", filename="test_model_v1.pt", version="v1")
+    monkeypatch.setattr(registry_module, "REGISTRY", index_specs([newest, older]))
+
+    path, got = resolve_checkpoint("test_model", progress=False)
+    assert got is newest and path.read_bytes() == PAYLOAD
+    assert resolve_checkpoint("test_model:v2", progress=False) == (path, newest)
+    old_path, got = resolve_checkpoint("test_model:v1", progress=False)
+    assert got is older and old_path.read_bytes() == old_payload
+    assert _files(cache) == ["test_model/test_model_v1.pt", "test_model/test_model_v2.pt"]
+    assert server.hits["/v2.pt"] == 1 and server.hits["/v1.pt"] == 1  # v2 twice: the second from the cache
+
+    with pytest.raises(UnknownVersionError, match=r"versions are v2 \(newest, the default\), v1\.") as info:
+        resolve_checkpoint("test_model:v3", progress=False)
+    assert "'test_model'" in str(info.value)
+    assert sum(server.hits.values()) == 2 and len(_files(cache)) == 2
+
+
+def test_old_version_with_wrong_bytes_is_refused(server, cache, monkeypatch):
+    # A server answering an older version's address with other bytes: that version fails its own
+    # hash check and leaves nothing, while the newest version's cached file stays untouched.
+    server.routes["/v2.pt"] = ("ok", PAYLOAD)
+    server.routes["/v1.pt"] = ("ok", PAYLOAD[:1000])
+    newest = _spec(server.url("/v2.pt"), XXH128, filename="test_model_v2.pt", version="v2")
+    older = _spec(server.url("/v1.pt"), XXH128, name="test_model:v1", filename="test_model_v1.pt", version="v1")
+    monkeypatch.setattr(registry_module, "REGISTRY", index_specs([newest, older]))
+    path, _ = resolve_checkpoint("test_model", progress=False)
+    with pytest.raises(DownloadError, match="checksum mismatch") as info:
+        resolve_checkpoint("test_model:v1", progress=False)
+    assert "'test_model:v1'" in str(info.value) and str(cache_path(older)) in str(info.value)
+    assert _files(cache) == ["test_model/test_model_v2.pt"] and path.read_bytes() == PAYLOAD
 
 
 def test_hash_mismatch_leaves_nothing(server, cache):

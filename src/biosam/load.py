@@ -125,6 +125,7 @@ def load_model(
     device: str | torch.device | None = None,
     preprocessing: str | None = None,
     precision: str = "auto",
+    runtime: str = "auto",
 ) -> torch.nn.Module:
     """Load a SAM-family model by zoo name (see ``biosam models``) or checkpoint path.
 
@@ -139,17 +140,23 @@ def load_model(
     (``"sam"``, ``"medsam"``, ``"lite_medsam"``, ``"sam2"``) to override. ``precision``
     (``"auto"``, ``"fp32"``, ``"bf16"``) is the image encoder's arithmetic;
     ``auto`` is bf16 only where the device computes it natively (see
-    :mod:`biosam.models.precision`). The returned module carries a
-    :class:`ModelInfo` as ``model.info`` and the precision used as ``model.precision``.
+    :mod:`biosam.models.precision`). ``runtime`` (``"auto"``, ``"torch"``, ``"onnxruntime"``,
+    ``"openvino"``, or either with ``"-int8"``) runs the image encoder in that CPU runtime from an
+    ONNX file exported once into the cache (see :mod:`biosam.export.runtime`); ``auto`` is torch.
+    The returned module carries a :class:`ModelInfo` as ``model.info``, the precision used as
+    ``model.precision`` (``int8`` for an int8 runtime) and the runtime as ``model.runtime``.
     """
     if preprocessing is not None and preprocessing not in PREPROCESSINGS:
         raise InputError(f"preprocessing must be one of {PREPROCESSINGS}, got '{preprocessing}'.")
+    from biosam.export.runtime import resolve_runtime, use_runtime
+
     device = _device(device)
+    runtime = resolve_runtime(runtime, device, precision)
     precision = resolve_precision(precision, device)
     key = None
     if _kept is not None:
         stamp = os.stat(name_or_path).st_mtime_ns if os.path.isfile(name_or_path) else None
-        key = (str(name_or_path), stamp, str(device), preprocessing, precision)
+        key = (str(name_or_path), stamp, str(device), preprocessing, precision, runtime)
         if key in _kept:
             return _kept[key]
     path, spec = resolve_checkpoint(name_or_path)
@@ -163,6 +170,9 @@ def load_model(
     model.precision = precision
     logger.info("loaded %s (%s preprocessing) on %s, %s", name, preprocessing, device, precision)
     model = model.eval().to(device)
+    model.runtime = "torch"
+    if runtime != "torch":
+        model = use_runtime(model, runtime)
     if key is not None and _kept is not None:
         _kept[key] = model
     return model

@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from biosam.automatic.ais import decoder_postprocessing, load_decoder, predict_maps
 from biosam.automatic.amg import AmgSettings, automatic_mask_generation
@@ -79,8 +80,14 @@ class AutoSettings:
 
 
 def amg_settings_for(model, **overrides) -> AmgSettings:
-    """Mask-generation settings for ``model``: the zoo's per-model defaults, then ``overrides`` (None ignored)."""
-    spec = model.info.spec if model.info is not None else None
+    """Mask-generation settings for ``model``: the zoo's per-model defaults, then ``overrides`` (None ignored).
+
+    ``model``: a loaded model, or its zoo entry (a ``ModelSpec``; None for a file outside the zoo), which
+    gives the same settings without loading the model.
+    """
+    if isinstance(model, torch.nn.Module):
+        model = model.info.spec if model.info is not None else None
+    spec = model
     values = dict(spec.defaults.get("amg", {})) if spec is not None else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
     return AmgSettings(**values)

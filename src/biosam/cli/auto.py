@@ -45,7 +45,7 @@ from biosam.cli.common import check_image_fits, check_overlay, input_options, wr
 @click.option("--scheduler", default=None, metavar="ADDRESS", help="With --blocks: an existing Dask cluster (tcp://...).")
 @input_options
 def auto(image, output, mode, decoder, tile, halo, object_size, scale, points_per_side, pred_iou_thresh, stability_thresh, z, classifier, keep_classes, link_iou, intensity, t,
-         channel, axes, level, series, model, device, precision, embeddings, overlay, as_json, overwrite,
+         channel, axes, level, series, model, device, precision, runtime, embeddings, overlay, as_json, overwrite,
          compression, blocks=None, workers=2, scheduler=None) -> None:
     """Find every object in IMAGE and write an instance label image to OUTPUT.
 
@@ -77,7 +77,7 @@ def auto(image, output, mode, decoder, tile, halo, object_size, scale, points_pe
     if blocks is not None:
         settings.decoder = decoder  # a path: each worker loads it beside its model
         _blockwise(image, output, settings, amg_overrides, blocks, workers, scheduler, z, t, channel, axes, level,
-                   model, device, precision, overwrite, as_json, link_iou, unsupported={
+                   model, device, precision, runtime, overwrite, as_json, link_iou, unsupported={
                        "--classifier": classifier, "--overlay": overlay, "--series": series,
                        "--embeddings": embeddings})
         return
@@ -89,7 +89,7 @@ def auto(image, output, mode, decoder, tile, halo, object_size, scale, points_pe
     for zz in planes:  # refuse bad --z/--t/--channel before the model loads
         plane_index(meta, zz, t, channel)
     check_image_fits(meta, model)  # and an image too elongated for the model
-    predictor = Predictor(load_model(model, device=device, precision=precision), store=embeddings)
+    predictor = Predictor(load_model(model, device=device, precision=precision, runtime=runtime), store=embeddings)
     keep = keep_classes.split(",") if keep_classes else None
     judge = None
     if classifier is not None:
@@ -146,10 +146,8 @@ def auto(image, output, mode, decoder, tile, halo, object_size, scale, points_pe
 
 
 def _blockwise(image, output, settings, amg_overrides, blocks, workers, scheduler, z, t, channel, axes, level, model,
-               device, precision, overwrite, as_json, link_iou, unsupported: dict) -> None:
+               device, precision, runtime, overwrite, as_json, link_iou, unsupported: dict) -> None:
     """``--blocks``: the image in blocks on Dask workers (see :func:`biosam.distributed.segment_blockwise`)."""
-    from types import SimpleNamespace
-
     from biosam.automatic.run import amg_settings_for
     from biosam.distributed.blockwise import segment_blockwise
     from biosam.distributed.cluster import quiet_dask_logs
@@ -161,10 +159,9 @@ def _blockwise(image, output, settings, amg_overrides, blocks, workers, schedule
     if given:
         raise click.UsageError(f"{', '.join(given)}: not available with --blocks.")
     if settings.mode == "amg":  # the zoo's defaults for the model and the options given, without loading it here
-        settings.amg = amg_settings_for(SimpleNamespace(info=SimpleNamespace(spec=REGISTRY.get(model))),
-                                        **amg_overrides)
+        settings.amg = amg_settings_for(REGISTRY.get(model), **amg_overrides)
     report = segment_blockwise(image, output, block=blocks, settings=settings, model=model, device=device,
-                               precision=precision, axes=axes, level=level, z=z, t=t, channel=channel,
+                               precision=precision, runtime=runtime, axes=axes, level=level, z=z, t=t, channel=channel,
                                link_iou=link_iou, overwrite=overwrite, workers=workers, scheduler=scheduler)
     if as_json:
         click.echo(json.dumps({"image": str(image), "model": model, "mode": settings.mode, **report}, indent=2))

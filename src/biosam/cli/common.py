@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from biosam.export.runtime import RUNTIMES
 from biosam.io.tiff import COMPRESSIONS, DEFAULT_COMPRESSION
 from biosam.models.precision import PRECISIONS
 from biosam.prompting.intensity import INTENSITY_PRESETS
@@ -25,6 +26,9 @@ _INPUT_OPTIONS = {
     "device": click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda if available, else cpu."),
     "precision": click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
                  help="Image encoder arithmetic; auto = fp32 (bf16 is faster where native but misses our agreement targets)."),
+    "runtime": click.option("--runtime", type=click.Choice(RUNTIMES), default="auto", show_default=True,
+                 help="Image encoder runtime on the CPU; auto = torch. onnxruntime / openvino run an ONNX export "
+                      "(made once, cached); -int8: int8 weights, masks differ (see the README's CPU runtimes)."),
     "embeddings": click.option("--embeddings", "embeddings", type=click.Path(path_type=Path), default=None,
                  help="Folder of image embeddings: reused when present, added when new (resumes interrupted runs); "
                       "several processes may share one."),

@@ -119,7 +119,7 @@ def _slices(prompts, meta, z: int | None) -> dict[int | None, list[int]]:
 @click.option("--preprocessing", type=click.Choice(list(PREPROCESSINGS)), default=None,
               help="Override the preprocessing of a checkpoint file that is not in the zoo.")
 def segment(image, output, boxes, points, prompts_file, zoom, multimask, z, intensity, t, channel, axes, level, series,
-            model, device, precision, embeddings, overlay, as_json, overwrite, compression, preprocessing) -> None:
+            model, device, precision, runtime, embeddings, overlay, as_json, overwrite, compression, preprocessing) -> None:
     """Segment the objects given by box/point prompts in IMAGE.
 
     IMAGE is a TIFF/OME-TIFF, PNG, JPEG, MRC, NIfTI, DICOM file or series
@@ -152,7 +152,8 @@ def segment(image, output, boxes, points, prompts_file, zoom, multimask, z, inte
     # and prompts outside the image (boxes over its edge are clipped), or an image the model cannot take
     prompts = check_prompts(prompts, plane_shape(meta), image)
     check_image_fits(meta, model, preprocessing)
-    predictor = Predictor(load_model(model, device=device, preprocessing=preprocessing, precision=precision),
+    predictor = Predictor(load_model(model, device=device, preprocessing=preprocessing, precision=precision,
+                                     runtime=runtime),
                           store=embeddings)
     labels_meta = meta.labels_meta()
     objects: list[dict] = [{} for _ in prompts]
@@ -205,10 +206,11 @@ def models(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    header = ("name", "architecture", "size (MB)", "status", "domain")
+    header = ("name", "version", "architecture", "size (MB)", "status", "domain")
     table = [
         (
             r["name"],
+            r["version"] or "-",
             r["architecture"],
             "?" if r["size_mb"] is None else f"{r['size_mb']:.0f}",
             "not yet supported" if not r["supported"] else "cached" if r["cached"] else "downloads on first use",
@@ -235,6 +237,7 @@ def _register() -> None:
     from biosam.cli.auto import auto
     from biosam.cli.batch import batch
     from biosam.cli.evaluate import evaluate
+    from biosam.cli.export import export
     from biosam.cli.tomogram import tomogram
     from biosam.cli.train import train
     from biosam.cli.volume import volume
@@ -243,6 +246,7 @@ def _register() -> None:
     main.add_command(auto)
     main.add_command(batch)
     main.add_command(evaluate)
+    main.add_command(export)
     main.add_command(tomogram)
     main.add_command(train)
     main.add_command(volume)

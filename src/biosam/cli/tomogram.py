@@ -136,10 +136,10 @@ def _remove(written: list[str]) -> None:
               help="copick input: pickable object the picks (and segmentation) are stored under.")
 @click.option("--copick-user", default="biosam", show_default=True, help="copick input: user_id of the outputs.")
 @click.option("--copick-session", default="0", show_default=True, help="copick input: session_id of the outputs.")
-@input_options(only=("axes", "level", "model", "device", "precision", "embeddings", "as_json", "overwrite"))
+@input_options(only=("axes", "level", "model", "device", "precision", "runtime", "embeddings", "as_json", "overwrite"))
 def tomogram(tomogram, output, csv_path, overlay, z, multi_slab, slab_thickness, method, polarity, vesicle_decoder,
              min_diameter, max_diameter, slab_step, z_step, voxel_size, classifier, keep_classes, copick_object, copick_user, copick_session, axes, level, model, device,
-             precision, embeddings, as_json, overwrite) -> None:
+             precision, runtime, embeddings, as_json, overwrite) -> None:
     """Find membrane-bound vesicles in TOMOGRAM, segment each in 3D and measure it.
 
     Default (--method decoder): the tomogram is resampled to 10 Å voxels and
@@ -209,7 +209,7 @@ def tomogram(tomogram, output, csv_path, overlay, z, multi_slab, slab_thickness,
     from biosam.io.overlay import render_overlay
     from biosam.tomogram.pipeline import segment_vesicles
 
-    predictor = Predictor(load_model(model, device=device, precision=precision), store=embeddings)
+    predictor = Predictor(load_model(model, device=device, precision=precision, runtime=runtime), store=embeddings)
     keep = keep_classes.split(",") if keep_classes else None
     judge = None
     if classifier is not None:

@@ -84,7 +84,7 @@ def _check_prompts(prompts, prompts_file: Path, image: str, depth: int) -> None:
               help="Segment small objects in a zoomed crop (auto), always, or never.")
 @input_options
 def volume(image, output, prompts_file, projection, min_score, min_overlap, max_shift, zoom, intensity, t, channel, axes, level,
-           series, model, device, precision, embeddings, overlay, as_json, overwrite, compression) -> None:
+           series, model, device, precision, runtime, embeddings, overlay, as_json, overwrite, compression) -> None:
     """Segment objects in 3D: each object is prompted on one slice (or more) and followed forward and backward.
 
     IMAGE is a volume (TIFF stack, MRC, NIfTI, DICOM series, Zarr/OME-Zarr,
@@ -123,7 +123,7 @@ def volume(image, output, prompts_file, projection, min_score, min_overlap, max_
     objects = group_objects(prompts)
     settings = PropagationSettings(projection=projection, min_score=min_score, min_overlap=min_overlap,
                                    max_shift=max_shift, zoom=zoom)
-    predictor = Predictor(load_model(model, device=device, precision=precision), store=embeddings)
+    predictor = Predictor(load_model(model, device=device, precision=precision, runtime=runtime), store=embeddings)
     slices = _Slices(data, meta, t, channel)
     # a blank prompted slice, and points alone for a box-trained model, give unreliable objects (logged as well)
     warnings = [w for z in sorted({int(p.z) for p in prompts})

@@ -133,7 +133,8 @@ def run_one(command: click.Command, source: str, output: str, options: list[str]
     printed = io.StringIO()
     start = time.perf_counter()
     try:
-        with contextlib.redirect_stdout(printed):
+        # the command's own progress bars would interleave across workers; the batch has one bar for all
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()):
             command.main(args=args, prog_name=f"biosam {command.name}", standalone_mode=False)
     except click.ClickException as exc:
         return BatchRow(source, output, "failed", round(time.perf_counter() - start, 2), None, exc.format_message())

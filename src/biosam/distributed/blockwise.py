@@ -86,7 +86,8 @@ class Source:
         if self.path is not None:
             return read_image(self.path, axes=self.axes, level=self.level)
         array = np.asarray(self.array) if not hasattr(self.array, "chunks") else self.array
-        axes = self.axes or {2: "YX", 3: "YXC"}.get(array.ndim)
+        # a last axis of up to 4 is colour, as biosam.prompting.intensity reads images; else a 3D array is a volume
+        axes = self.axes or {2: "YX", 3: "YXC" if array.shape[-1] <= 4 else "ZYX"}.get(array.ndim)
         if axes is None:
             raise InputError(f"an array of shape {array.shape}: name its axes (e.g. 'YX', 'YXC', 'ZYX').")
         return array, ImageMeta("array", "array", axes, tuple(array.shape), np.dtype(array.dtype).str)
@@ -149,15 +150,16 @@ def _within(box: tuple[int, int, int, int], origin: tuple[int, int, int, int]) -
     return slice(box[0] - origin[0], box[1] - origin[0]), slice(box[2] - origin[2], box[3] - origin[2])
 
 
-def _predictor(model: str, device: str | None, precision: str):
+def _predictor(model: str, device: str | None, precision: str, runtime: str = "auto"):
     # On a worker load_model keeps its models (biosam.distributed.cluster), so this loads once per worker.
     from biosam import Predictor, load_model
 
-    return Predictor(load_model(model, device=device, precision=precision))
+    return Predictor(load_model(model, device=device, precision=precision, runtime=runtime))
 
 
 def _estimate_scale(candidates: list[tuple[Source, tuple[int, int, int, int], Callable]], array: Any,
-                    settings: AutoSettings, model: str, device: str | None, precision: str) -> float:
+                    settings: AutoSettings, model: str, device: str | None, precision: str,
+                    runtime: str = "auto") -> float:
     """The scale estimated on the first of ``candidates`` (plane, box, its normaliser) that is not empty (1.0
     when all are)."""
     from biosam.automatic.run import estimated_scale, resolve_decoder
@@ -165,13 +167,13 @@ def _estimate_scale(candidates: list[tuple[Source, tuple[int, int, int, int], Ca
     for source, box, normalise in candidates:
         pixels = normalise(source.read(box, array))
         if pixels.min() != pixels.max():
-            predictor = _predictor(model, device, precision)
+            predictor = _predictor(model, device, precision, runtime)
             return estimated_scale(predictor, resolve_decoder(predictor, settings.decoder), pixels)
     return 1.0
 
 
 def _segment_block(index: int, tile: Tile, source: Source, array: Any, normalise: Callable, settings: AutoSettings,
-                   model: str, device: str | None, precision: str, scratch: str,
+                   model: str, device: str | None, precision: str, runtime: str, scratch: str,
                    background: float | None) -> tuple[int, list[int], bool]:
     """Step 2: segment block ``index`` with its halo and store the objects it owns; their ids, and whether
     the block was skipped as empty."""
@@ -186,7 +188,7 @@ def _segment_block(index: int, tile: Tile, source: Source, array: Any, normalise
     del raw
     if pixels.min() == pixels.max():  # segment_automatic returns nothing for it: spare the model
         return index, [], True
-    labels = segment_automatic(_predictor(model, device, precision), pixels, settings)
+    labels = segment_automatic(_predictor(model, device, precision, runtime), pixels, settings)
     owned = owned_objects(labels, tile)
     if len(owned):
         labels[~np.isin(labels, owned)] = 0
@@ -253,7 +255,7 @@ def _relabel_chunk(box: tuple[int, int, int, int], slices: Any, k: int, table: n
 
 def segment_blockwise(image: str | Any, output: str | Path, *, block: int = 2048, halo: int | None = None,
                       settings: AutoSettings | None = None, model: str = "lite_medsam", device: str | None = None,
-                      precision: str = "auto", axes: str | None = None, level: int | None = None,
+                      precision: str = "auto", runtime: str = "auto", axes: str | None = None, level: int | None = None,
                       z: int | None = None, t: int | None = None, channel: int | None = None,
                       link_iou: float = 0.3, background: float | None = None, max_overlap: float = 0.5,
                       overwrite: bool = False, workers: int = 2, scheduler: str | None = None, client: Any = None,
@@ -265,11 +267,13 @@ def segment_blockwise(image: str | Any, output: str | Path, *, block: int = 2048
     the largest object, which is kept whole from the block holding its centre. ``settings`` are
     :func:`segment_automatic`'s (its ``tile`` and ``halo`` tile each block again for the model). A volume
     is segmented whole unless ``z`` picks a slice; ``link_iou`` links its slices into 3D objects (0: not).
-    Returns a summary: objects, blocks, skipped blocks, the scale used, seconds, block and halo.
+    Returns a summary: objects, blocks, skipped blocks, the scale used, seconds, block and halo (and for a
+    volume: slices, link_iou and the seconds of the one link task).
     """
     from tqdm.auto import tqdm
 
     from biosam.distributed.cluster import open_client, require_distributed, task_resources
+    from biosam.export.runtime import resolve_runtime
     from biosam.io import check_labels_output, open_labels, plane_index
     from biosam.io.files import suffix_of
     from biosam.io.planes import plane_shape
@@ -286,6 +290,7 @@ def segment_blockwise(image: str | Any, output: str | Path, *, block: int = 2048
         raise InputError(f"blocks: {block} px with a halo of {halo} px; give blocks of at least 32 px and a halo >= 0.")
     if not 0.0 <= link_iou <= 1.0:
         raise InputError(f"link_iou: {link_iou}; give a value in [0, 1] (0 keeps the slices apart).")
+    resolve_runtime(runtime, device or "cpu", precision)  # a bad runtime is refused here, not on every worker
     output = Path(output)
     if suffix_of(output) not in (".zarr", ".ome.zarr"):
         raise InputError(f"{output}: blockwise segmentation writes Zarr chunk by chunk; name a .zarr or .ome.zarr "
@@ -320,7 +325,7 @@ def segment_blockwise(image: str | Any, output: str | Path, *, block: int = 2048
             if isinstance(image, np.ndarray):  # one copy per worker, not one per task
                 array = cl.scatter(image, broadcast=True)
                 sources = [dataclasses.replace(src, array=None) for src in sources]
-            model_args = (model, device, precision)
+            model_args = (model, device, precision, runtime)
             if settings.mode == "ais" and settings.scale is None and settings.object_size is None:
                 # on the blocks nearest the centre of the middle slice that have contrast (edges are often empty)
                 middle = np.array(shape) / 2
@@ -374,8 +379,10 @@ def segment_blockwise(image: str | Any, output: str | Path, *, block: int = 2048
                                            chunks=(1, min(block, shape[0]), min(block, shape[1])),
                                            dtype=np.uint32, fill_value=0)
                 write(slices, [(k, slice(None), slice(None)) for k in range(len(planes))])
+                linking = time.perf_counter()
                 tables, total = cl.submit(_link_slices, slices, link_iou, pure=False,
                                           key=f"biosam-link-{run}").result()
+                link_seconds = round(time.perf_counter() - linking, 2)
                 logger.info("blockwise: %d slices linked into %d objects", len(planes), total)
             with open_labels(output, meta, label_dtype(total), overwrite=overwrite) as out:
                 if link:
@@ -391,4 +398,6 @@ def segment_blockwise(image: str | Any, output: str | Path, *, block: int = 2048
               "seconds": round(time.perf_counter() - start, 2)}
     if len(planes) > 1:
         report |= {"slices": len(planes), "link_iou": link_iou}
+    if link:
+        report["link_seconds"] = link_seconds
     return report

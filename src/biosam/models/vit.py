@@ -119,8 +119,9 @@ class Attention(nn.Module):
         rows_per_chunk = max(1, _MAX_BIAS_ELEMENTS // (nb * heads * gw * n))
         rows_per_chunk = math.ceil(gh / math.ceil(gh / rows_per_chunk))  # even chunks
         # Without autograd the chunks share one bias buffer: filling fresh memory for every
-        # chunk costs more in page faults than the additions themselves.
-        reuse = rows_per_chunk < gh and not (rel_h.requires_grad or rel_w.requires_grad)
+        # chunk costs more in page faults than the additions themselves. Not while tracing: the ONNX
+        # exporter cannot translate the shared out= buffer.
+        reuse = rows_per_chunk < gh and not (rel_h.requires_grad or rel_w.requires_grad or torch.jit.is_tracing())
         buffer = q.new_empty(nb * heads * rows_per_chunk * gw * n) if reuse else None
         outs = []
         for r0 in range(0, gh, rows_per_chunk):

@@ -7,10 +7,11 @@ from .errors import (
     DownloadError,
     EmbeddedAssetError,
     UnknownModelError,
+    UnknownVersionError,
     UnsupportedModelError,
     ZooError,
 )
-from .registry import REGISTRY, ModelSpec, get_spec, list_specs
+from .registry import REGISTRY, ModelSpec, get_spec, list_specs, split_name, versions_of
 from .resolve import describe_models, resolve_checkpoint
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "EmbeddedAssetError",
     "ModelSpec",
     "UnknownModelError",
+    "UnknownVersionError",
     "UnsupportedModelError",
     "ZooError",
     "cache_dir",
@@ -31,4 +33,6 @@ __all__ = [
     "list_specs",
     "require_supported",
     "resolve_checkpoint",
+    "split_name",
+    "versions_of",
 ]

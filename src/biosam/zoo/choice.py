@@ -46,7 +46,9 @@ def domains_of(spec: ModelSpec) -> tuple[str, ...]:
 
 
 def models_for(domain: str, size: str | None = None) -> list[str]:
-    """Names of the runnable zoo models for ``domain`` (and ``size``), the embedded default first when it fits."""
+    """Names of the runnable zoo models for ``domain`` (and ``size``), the embedded default first when it fits.
+
+    Every version is listed, each model's newest (its plain name) before its older ones (``vit_b_lm:v2``)."""
     if domain not in DOMAINS:
         raise ValueError(f"unknown domain {domain!r}; choose one of {', '.join(DOMAINS)}")
     if size is not None and size not in SIZES:

@@ -1,9 +1,11 @@
 """Downloading checkpoints into the local cache, verified by hash.
 
-Layout: ``<cache_dir>/<model name>/<spec.filename>``. One folder per model keeps names from
-colliding (several micro-sam files are called ``vit_l.pt``) and means that a folder only ever
-holds that model's file plus pooch's in-flight temporary files, so stale leftovers can be
-removed without touching anything else.
+Layout: ``<cache_dir>/<model name>/<spec.filename>``, the model name without its version (a
+``:`` is not allowed in Windows folder names); each version has its own file name
+(``vit_b_lm/vit_b_lm_v2.pt``), so versions never overwrite each other. One folder per model
+keeps names from colliding (several micro-sam files are called ``vit_l.pt``) and means that a
+folder only ever holds that model's files plus pooch's in-flight temporary files, so stale
+leftovers can be removed without touching anything else.
 
 pooch writes to a temporary file in the target folder, checks the hash and only then renames
 it to the final name, so a failed or corrupt transfer never appears as a cached checkpoint.
@@ -20,7 +22,7 @@ from pathlib import Path
 
 from .embedded import lite_medsam_path
 from .errors import DownloadError, EmbeddedAssetError, UnsupportedModelError
-from .registry import ModelSpec
+from .registry import VERSION_SEP, ModelSpec, split_name
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ def cache_dir() -> Path:
 
 def cache_path(spec: ModelSpec) -> Path:
     """Where the checkpoint of ``spec`` lives once downloaded (or must be placed by hand)."""
-    return cache_dir() / spec.name / spec.filename
+    return cache_dir() / spec.base_name / spec.filename
 
 
 def _is_embedded(spec: ModelSpec) -> bool:
@@ -68,7 +70,8 @@ def require_supported(spec: ModelSpec) -> None:
     if spec.supported:
         return
     if spec.family == "decoder":
-        base = spec.name.removesuffix("_decoder")
+        name, version = split_name(spec.name)
+        base = name.removesuffix("_decoder") + (f"{VERSION_SEP}{version}" if version else "")
         raise UnsupportedModelError(
             f"{spec.name!r} is a micro-sam instance-segmentation decoder; automatic instance "
             f"segmentation is not supported yet in this version of biosam. For prompted "

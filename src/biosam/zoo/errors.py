@@ -6,7 +6,7 @@ command line prints the message (written to say what to do next) instead of a tr
 
 from __future__ import annotations
 
-from biosam.errors import BiosamError
+from biosam.errors import BiosamError, InputError
 
 
 class ZooError(BiosamError):
@@ -15,6 +15,10 @@ class ZooError(BiosamError):
 
 class UnknownModelError(ZooError, LookupError):
     """A name is neither in the registry nor an existing checkpoint file."""
+
+
+class UnknownVersionError(UnknownModelError, InputError):
+    """A zoo model exists, but not in the version asked for (``vit_b_lm:v9``)."""
 
 
 class UnsupportedModelError(ZooError):
