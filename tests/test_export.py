@@ -10,6 +10,7 @@ int8 files are compared with fp32 ones by mask IoU. The CLI refuses bad requests
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -404,3 +405,19 @@ def test_api_refuses_bad_requests(tmp_path):
     with pytest.raises(InputError, match="SAM 2 model"):
         export(sam2, tmp_path / "a", decoder=shipped_decoder_path("lite_medsam", "nuclei"))
     assert not (tmp_path / "a").exists()
+
+
+def test_vit_global_attention_in_row_chunks_exports(dsb_nuclei, tmp_path, monkeypatch):
+    """At 1024 px a ViT's global attention builds its position bias in row chunks sharing one buffer; the
+    export must trace the chunked path too (here forced at 256 px by a small chunk limit)."""
+    from biosam.export import onnx as export_onnx
+    from biosam.models import vit as vit_module
+
+    monkeypatch.setattr(vit_module, "_MAX_BIAS_ELEMENTS", 1 << 14)  # 2 heads x 256 queries x 16 x 16 > this
+    model = copy.deepcopy(_small_models()["vit"][0]).requires_grad_(False)  # frozen, as load_model gives it
+    export_onnx.export_image_encoder(model, tmp_path / "encoder.onnx")
+    x, _ = encoder_input(dsb_nuclei[0][:, :CROP_WIDTH], 256, "sam")
+    (got,) = _session(tmp_path / "encoder.onnx").run(None, {"image": x})
+    with torch.inference_mode():
+        expected = model.embed(torch.from_numpy(x))
+    assert _rel(got, expected) <= EMBEDDING_TOL
