@@ -89,14 +89,23 @@ def mosaic(size: int, path: Path, empty_from: int) -> int:
     return size * size
 
 
+def timed_blockwise(image: Path, output: Path, block: int) -> tuple[dict, float, dict]:
+    """``segment_blockwise`` on 2 workers: its report, the wall seconds and each worker's peak memory (bytes)."""
+    from biosam.distributed import open_client, segment_blockwise
+
+    with open_client(workers=2) as client:
+        start = time.perf_counter()
+        report = segment_blockwise(str(image), output, block=block, client=client, progress=False)
+        wall = time.perf_counter() - start
+        return report, wall, client.run(peak_memory)
+
+
 def volume_blockwise(depth: int, size: int, folder: Path, block: int, content: int | None = None) -> dict:
     """A ``depth`` x ``size`` x ``size`` volume in ``block`` px blocks on 2 workers, slices linked into 3D objects.
 
     ``content``: only that many middle slices hold the mosaic; the others stay blank (skipped blocks).
     """
     import zarr
-
-    from biosam.distributed import open_client, segment_blockwise
 
     mosaic(size, folder / "plane.zarr", empty_from=size)  # whole NIH3T3 images: the right edge stays empty
     plane = np.asarray(zarr.open_array(str(folder / "plane.zarr"), mode="r"))
@@ -106,12 +115,7 @@ def volume_blockwise(depth: int, size: int, folder: Path, block: int, content: i
     for z in range(first, depth if content is None else first + content):
         volume[z] = np.roll(plane, 3 * z, axis=1)
     del plane
-    with open_client(workers=2) as client:
-        start = time.perf_counter()
-        report = segment_blockwise(str(folder / "vol.zarr"), folder / "labels.zarr", block=block, client=client,
-                                   progress=False)
-        wall = time.perf_counter() - start
-        peaks = client.run(peak_memory)
+    report, wall, peaks = timed_blockwise(folder / "vol.zarr", folder / "labels.zarr", block)
     filled = "" if content is None else f" ({content} slices filled)"
     return {"size": f"{depth} x {size} x {size}{filled}", "image_mb": depth * size * size / 2**20,
             "labels_mb": depth * size * size * 2 / 2**20, "wall_s": wall,
@@ -119,15 +123,8 @@ def volume_blockwise(depth: int, size: int, folder: Path, block: int, content: i
 
 
 def blockwise(size: int, folder: Path, block: int = 2048) -> dict:
-    from biosam.distributed import open_client, segment_blockwise
-
     nbytes = mosaic(size, folder / "big.zarr", empty_from=size - block - block // 8)  # last block row empty
-    with open_client(workers=2) as client:
-        start = time.perf_counter()
-        report = segment_blockwise(str(folder / "big.zarr"), folder / "labels.zarr", block=block, client=client,
-                                   progress=False)
-        wall = time.perf_counter() - start
-        peaks = client.run(peak_memory)
+    report, wall, peaks = timed_blockwise(folder / "big.zarr", folder / "labels.zarr", block)
     return {"size": f"{size} x {size}", "side": size, "image_mb": nbytes / 2**20,
             "labels_mb": size * size * 2 / 2**20, "wall_s": wall,
             "peak_mb": [v / 2**20 for v in peaks.values()], **report}
