@@ -81,6 +81,11 @@ def totalseg(kind: str):
     return load
 
 
+#: name: (loader, objects spanning at least this many slices, and this many pixels on their largest slice)
+SETS = {"StarDist 3D nuclei (synthetic)": (stardist_3d, 3, 20), "ISBI 2012 EM cells": (isbi2012, 5, 200),
+        "TotalSegmentator CT organs": (totalseg("ct"), 3, 30), "TotalSegmentator MR organs": (totalseg("mr"), 3, 30)}
+
+
 def largest_slice_prompts(labels: np.ndarray, min_slices: int, min_area: int) -> tuple[list[int], list[biosam.Prompt]]:
     """One box per object on the slice where it is largest (objects spanning >= min_slices, >= min_area px there)."""
     ids, prompts = [], []
@@ -189,26 +194,27 @@ def plot(curves: dict[str, list], path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="lite_medsam")
-    parser.add_argument("--projection", nargs="+", default=["box"], choices=PROJECTIONS)
+    parser.add_argument("--projection", nargs="+", default=["box", "learned"], choices=PROJECTIONS)
+    parser.add_argument("--adapter", type=Path, help="propagation adapter for 'learned' (default: the shipped one)")
+    parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
     parser.add_argument("--plot", type=Path, help="write the Dice-against-distance plot (PNG) here")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     configure_cpu()
     predictor = biosam.Predictor(biosam.load_model(args.model))
     rows, curves = [], {}
-    sets = {"StarDist 3D nuclei (synthetic)": (stardist_3d, 3, 20), "ISBI 2012 EM cells": (isbi2012, 5, 200),
-            "TotalSegmentator CT organs": (totalseg("ct"), 3, 30),
-            "TotalSegmentator MR organs": (totalseg("mr"), 3, 30)}
-    for name, (load, min_slices, min_area) in sets.items():
+    for name in args.sets:
+        load, min_slices, min_area = SETS[name]
         volume, labels = load()
         ids, prompts = largest_slice_prompts(labels, min_slices, min_area)
         best = None
         for projection in args.projection:
             settings = PropagationSettings(projection=projection)
             start = time.perf_counter()
-            result = segment_volume(predictor, volume, prompts, settings, progress=False)
+            result = segment_volume(predictor, volume, prompts, settings, progress=False, adapter=args.adapter)
             seconds = time.perf_counter() - start
-            two = segment_volume(predictor, volume, second_prompts(labels, ids, prompts), settings, progress=False)
+            two = segment_volume(predictor, volume, second_prompts(labels, ids, prompts), settings, progress=False,
+                                 adapter=args.adapter)
             best = oracle(predictor, volume, labels, ids, result.normalize) if best is None else best
             objects, curve = diagnose(labels, ids, prompts, result.labels, best)
             twice = [dice(labels == i, two.labels == k + 1) for k, i in enumerate(ids)]

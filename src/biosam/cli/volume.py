@@ -71,8 +71,13 @@ def _check_prompts(prompts, prompts_file: Path, image: str, depth: int) -> None:
 @click.option("--prompts", "prompts_file", required=True, type=click.Path(path_type=Path),
               help='JSON list of objects, each on a slice: [{"box": [x0,y0,x1,y1], "points": [[x,y,label]], "z": 12}, ...]; '
                    'entries with the same "object" (an integer) are one object prompted on several slices.')
-@click.option("--projection", type=click.Choice(PROJECTIONS), default="box", show_default=True,
-              help="Prompt carried from slice to slice: the last mask's box, box and logits, an interior point, or logits.")
+@click.option("--projection", type=click.Choice(PROJECTIONS), default=PropagationSettings.projection, show_default=True,
+              help="Prompt carried from slice to slice: the last mask and its box through the model's propagation "
+                   "adapter (learned), the last mask's box, box and logits, an interior point, or logits; auto: learned "
+                   "where an adapter ships for the model (lite_medsam), else box.")
+@click.option("--adapter", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Propagation adapter file (from biosam.train.propagation) for --projection learned/auto; "
+                   "default: the one shipped for the model.")
 @click.option("--min-score", type=float, default=PropagationSettings.min_score, show_default=True,
               help="An object ends where its predicted IoU falls below this.")
 @click.option("--min-overlap", type=float, default=PropagationSettings.min_overlap, show_default=True,
@@ -83,7 +88,7 @@ def _check_prompts(prompts, prompts_file: Path, image: str, depth: int) -> None:
 @click.option("--zoom", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="Segment small objects in a zoomed crop (auto), always, or never.")
 @input_options
-def volume(image, output, prompts_file, projection, min_score, min_overlap, max_shift, zoom, intensity, t, channel, axes, level,
+def volume(image, output, prompts_file, projection, adapter, min_score, min_overlap, max_shift, zoom, intensity, t, channel, axes, level,
            series, model, device, precision, runtime, embeddings, overlay, as_json, overwrite, compression) -> None:
     """Segment objects in 3D: each object is prompted on one slice (or more) and followed forward and backward.
 
@@ -124,6 +129,10 @@ def volume(image, output, prompts_file, projection, min_score, min_overlap, max_
     settings = PropagationSettings(projection=projection, min_score=min_score, min_overlap=min_overlap,
                                    max_shift=max_shift, zoom=zoom)
     predictor = Predictor(load_model(model, device=device, precision=precision, runtime=runtime), store=embeddings)
+    if adapter is not None:
+        from biosam.volume.adapter import propagation_decoder
+
+        propagation_decoder(predictor.model, adapter)  # a bad file stops here, before the output is opened
     slices = _Slices(data, meta, t, channel)
     # a blank prompted slice, and points alone for a box-trained model, give unreliable objects (logged as well)
     warnings = [w for z in sorted({int(p.z) for p in prompts})
@@ -136,7 +145,7 @@ def volume(image, output, prompts_file, projection, min_score, min_overlap, max_
     dtype = label_dtype(n)
     with open_labels(output, meta, dtype, overwrite=overwrite, compression=compression) as out:
         planes = _Planes(out, meta.labels_meta(), t)
-        result = segment_volume(predictor, slices, prompts, settings, intensity=intensity, out=planes)
+        result = segment_volume(predictor, slices, prompts, settings, intensity=intensity, out=planes, adapter=adapter)
         if overlay is not None:
             z = int(prompts[0].z)
             pixels = result.normalize(slices[z])
@@ -156,6 +165,6 @@ def volume(image, output, prompts_file, projection, min_score, min_overlap, max_
                             "z_last": last if found else None, "voxels": int(voxels[i + 1]),
                             "mean_score": round(float(np.nanmean(result.scores[i])), 4) if found else None})
         click.echo(json.dumps({"image": str(image), "input": meta.summary(), "model": predictor.info.name,
-                               "projection": projection, "output": str(output),
+                               "projection": result.projection, "output": str(output),
                                "overlay": str(overlay) if overlay else None, "warnings": warnings,
                                "objects": found_objects, "seconds": round(time.perf_counter() - start, 2)}, indent=2))

@@ -1,4 +1,5 @@
-"""Low-rank adapters (LoRA) on the image encoder's attention projections.
+"""Low-rank adapters (LoRA) on attention projections: the image encoder's (fine-tuning) or the mask decoder's
+(the propagation adapter).
 
 A wrapped projection computes ``W x + b + (alpha / rank) * B (A x)`` with ``W`` and
 ``b`` frozen and only the small matrices ``A`` (rank x in) and ``B`` (out x rank)
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "DECODER_TARGETS",
     "DEFAULT_TARGETS",
     "LoRALinear",
     "add_lora",
@@ -30,6 +32,8 @@ __all__ = [
 
 #: The linear layers of ViT (``attn.qkv``, ``attn.proj``) and TinyViT attention blocks that get adapters.
 DEFAULT_TARGETS = ("qkv", "proj")
+#: The linear layers of the mask decoder's two-way transformer attention blocks.
+DECODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 _ADAPTER_SUFFIXES = (".lora_a", ".lora_b")
 
 
@@ -85,39 +89,36 @@ class LoRALinear(nn.Linear):
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha:g}"
 
 
-def _encoder(model: nn.Module) -> nn.Module:
-    encoder = getattr(model, "image_encoder", None)
-    if encoder is None:
-        raise TypeError(f"{type(model).__name__} has no image_encoder to adapt")
-    return encoder
-
-
 def add_lora(model: nn.Module, rank: int, alpha: float | None = None,
-             targets: Iterable[str] = DEFAULT_TARGETS) -> list[str]:
-    """Wrap the image encoder's attention projections named in ``targets`` with :class:`LoRALinear`.
+             targets: Iterable[str] = DEFAULT_TARGETS, part: str = "image_encoder") -> list[str]:
+    """Wrap the attention projections named in ``targets`` of ``model.<part>`` with :class:`LoRALinear`.
 
     Works on SAM's ViT (``blocks.N.attn.qkv`` / ``.proj``) and TinyViT
-    (``layers.N.blocks.M.attn.qkv`` / ``.proj``) encoders; only linear layers inside a
-    module whose name ends in ``attn`` are touched, never the MLPs. ``alpha`` defaults
-    to ``rank`` (scale 1). Returns the wrapped layers' names (model-level, e.g.
-    ``image_encoder.blocks.0.attn.qkv``); raises ``ValueError`` when nothing matched.
+    (``layers.N.blocks.M.attn.qkv`` / ``.proj``) encoders, and on the mask
+    decoder (``part="mask_decoder"``, :data:`DECODER_TARGETS`); only linear
+    layers inside a module whose name contains ``attn`` are touched, never the
+    MLPs. ``alpha`` defaults to ``rank`` (scale 1). Returns the wrapped layers'
+    names (model-level, e.g. ``image_encoder.blocks.0.attn.qkv``); raises
+    ``ValueError`` when nothing matched.
     """
     targets = tuple(targets)
     alpha = float(rank if alpha is None else alpha)
-    encoder = _encoder(model)
+    adapted = getattr(model, part, None)
+    if adapted is None:
+        raise TypeError(f"{type(model).__name__} has no {part} to adapt")
     wrapped = []
-    for name, module in list(encoder.named_modules()):
-        if not name.split(".")[-1] == "attn":
+    for name, module in list(adapted.named_modules()):
+        if "attn" not in name.split(".")[-1]:
             continue
         for target in targets:
             child = getattr(module, target, None)
             if isinstance(child, LoRALinear):
-                raise ValueError(f"image_encoder.{name}.{target} already has LoRA adapters")
+                raise ValueError(f"{part}.{name}.{target} already has LoRA adapters")
             if isinstance(child, nn.Linear):
                 setattr(module, target, LoRALinear(child, rank, alpha))
-                wrapped.append(f"image_encoder.{name}.{target}")
+                wrapped.append(f"{part}.{name}.{target}")
     if not wrapped:
-        raise ValueError(f"no attention projections named {targets} found in the image encoder")
+        raise ValueError(f"no attention projections named {targets} found in the {part}")
     return wrapped
 
 
@@ -157,14 +158,14 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 def apply_adapters(model: nn.Module, tensors: Mapping[str, Tensor], rank: int, alpha: float,
-                   targets: Iterable[str] = DEFAULT_TARGETS, merge: bool = True) -> nn.Module:
+                   targets: Iterable[str] = DEFAULT_TARGETS, merge: bool = True, part: str = "image_encoder") -> nn.Module:
     """Load an adapter file's tensors into a base model: add LoRA layers, load, and (by default) merge.
 
     ``tensors`` holds the ``*.lora_a`` / ``*.lora_b`` adapters and any base tensors
     that were trained in full (e.g. the mask decoder). Missing adapters, unknown
     names or wrong shapes raise ``ValueError`` naming them; nothing is loaded partially.
     """
-    add_lora(model, rank, alpha, targets)
+    add_lora(model, rank, alpha, targets, part)
     expected = model.state_dict()
     adapters = {k for k in expected if k.endswith(_ADAPTER_SUFFIXES)}
     missing = sorted(adapters - set(tensors))

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import MLPBlock
+from .lora import LoRALinear
 
 
 class Attention(nn.Module):
@@ -53,7 +54,8 @@ class Attention(nn.Module):
 
     def _head_weights(self, proj: nn.Linear) -> torch.Tensor:
         """(heads, head_dim, embedding_dim) view of a projection's weight."""
-        return proj.weight.view(self.num_heads, -1, proj.weight.shape[1])
+        weight = _weight(proj)
+        return weight.view(self.num_heads, -1, weight.shape[1])
 
     def _few_queries(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Attention of a few queries to many per-batch keys without projecting the keys.
@@ -93,8 +95,13 @@ class Attention(nn.Module):
             bias = torch.einsum("hd,bhkd->bhk", self.q_proj.bias.view(heads, -1), keys).flatten(1) * scale
             scores = torch.baddbmm(bias[..., None], qk, q.transpose(1, 2))
         attn = scores.view(batch, heads, nk, nq).softmax(dim=2).view(batch, heads * nk, nq)
-        projected = torch.einsum("bhkd,chd->bhkc", values, self.out_proj.weight.view(-1, heads, values.shape[-1]))
+        projected = torch.einsum("bhkd,chd->bhkc", values, _weight(self.out_proj).view(-1, heads, values.shape[-1]))
         return torch.baddbmm(self.out_proj.bias, attn.transpose(1, 2), projected.flatten(1, 2))
+
+
+def _weight(proj: nn.Linear) -> torch.Tensor:
+    """A projection's weight, a LoRA layer's update included: the fast paths above use weights directly."""
+    return proj.weight + proj.delta() if isinstance(proj, LoRALinear) else proj.weight
 
 
 # Token counts up to this take the projection-saving attention paths.

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from biosam.errors import EmbeddingMismatchError, InputError
 from biosam.labels import label_dtype
 from biosam.prompting.intensity import PERCENTILES, normalize_intensity, resolve_preset
-from biosam.prompting.preprocess import Frame, crop_to_low_res, logits_to_image, model_input
+from biosam.prompting.preprocess import Frame, crop_to_low_res, logits_to_image, model_input, resample_to_frame
 from biosam.prompting.prompts import Prompt
 from biosam.prompting.store import EmbeddingStore, embedding_key, image_hash
 from biosam.prompting.zoom import ZoomSettings, plan_crops
@@ -320,12 +320,16 @@ class Predictor:
         return result
 
     def predict_prompts(
-        self, prompts: list[Prompt], multimask: bool = False, zoom: str = "auto", progress: bool = False
+        self, prompts: list[Prompt], multimask: bool = False, zoom: str = "auto", progress: bool = False,
+        decoder: torch.nn.Module | None = None,
     ) -> Prediction:
         """Segment one object per :class:`Prompt`; output arrays are ``(N, C, ...)``.
 
         Holds every object's image-size masks: for thousands of prompts use
         :meth:`predict_labels`, which gives the same labels in bounded memory.
+        ``decoder``: a model sharing this model's image encoder (and so its
+        embeddings) that decodes the prompts instead, e.g. a propagation adapter
+        (:func:`biosam.volume.adapter.propagation_decoder`).
         """
         self._require_image()
         h, w = self._frame.image_shape
@@ -335,7 +339,7 @@ class Predictor:
         scores = np.zeros((n, c), dtype=np.float32)
         low_res = np.zeros((n, c, 256, 256), dtype=np.float32)
         zoomed = np.zeros(n, dtype=bool)
-        for chunk in self._chunks(prompts, multimask, zoom, progress, low_res=True):
+        for chunk in self._chunks(prompts, multimask, zoom, progress, low_res=True, decoder=decoder):
             x0, y0, x1, y1 = chunk.box
             masks[chunk.idx, :, y0:y1, x0:x1] = (chunk.logits > 0).cpu().numpy()
             low_res[chunk.idx] = chunk.low_res
@@ -420,8 +424,29 @@ class Predictor:
         logger.warning(message)
         return [message]
 
+    def views(self, prompts: list[Prompt], zoom: str) -> Iterator[tuple[list[int], torch.Tensor, Frame, tuple[int, int]]]:
+        """Where validated ``prompts`` are decoded: ``(objects, embedding, frame, offset)`` for the whole image
+        first, then for each zoomed crop (``offset``: the crop's top-left corner in image pixels).
+
+        Crops are planned by :func:`~biosam.prompting.zoom.plan_crops` from each
+        prompt's extent and embedded one at a time, as they are reached.
+        """
+        frame = self._frame
+        extents = np.stack([p.extent() for p in prompts]) if prompts else np.zeros((0, 4))
+        if zoom == "on" and prompts:
+            extents = np.stack([_points_extent(p, frame.image_shape) if p.box is None and p.points is not None
+                                else p.extent() for p in prompts])
+        crops, whole = plan_crops(extents, frame.image_shape, zoom, self.zoom_settings)
+        if crops:
+            logger.info("segmenting %d object(s) in %d zoomed crop(s)", sum(len(cr.objects) for cr in crops), len(crops))
+        yield whole, self._embedding, frame, (0, 0)
+        for crop in crops:
+            embedding, crop_frame = self.embed_region(crop.box)
+            yield crop.objects, embedding, crop_frame, crop.box[:2]
+
     def _chunks(
-        self, prompts: list[Prompt], multimask: bool, zoom: str, progress: bool, low_res: bool = False
+        self, prompts: list[Prompt], multimask: bool, zoom: str, progress: bool, low_res: bool = False,
+        decoder: torch.nn.Module | None = None,
     ) -> Iterator[_Chunk]:
         """Decode validated ``prompts`` a batch at a time: whole-image objects first, then each zoomed crop.
 
@@ -430,72 +455,64 @@ class Predictor:
         does not grow with the number of prompts.
         """
         frame = self._frame
-        if any(p.mask is not None for p in prompts):
-            if zoom == "on":
-                raise InputError("mask prompts refer to the whole image and cannot be zoomed; use zoom='auto' or 'off'.")
-            zoom = "off"
-        extents = np.stack([p.extent() for p in prompts]) if prompts else np.zeros((0, 4))
-        if zoom == "on" and prompts:
-            extents = np.stack([_points_extent(p, frame.image_shape) if p.box is None else p.box for p in prompts])
-        crops, whole = plan_crops(extents, frame.image_shape, zoom, self.zoom_settings)
-        if crops:
-            logger.info("segmenting %d object(s) in %d zoomed crop(s)", sum(len(cr.objects) for cr in crops), len(crops))
-        h, w = frame.image_shape
         c = 3 if multimask else 1
         bar = tqdm(total=len(prompts), desc="objects", unit="obj", leave=False,
                    disable=not progress or len(prompts) <= self.batch_size)
         with bar:
-            for idx, lr, iou in self._decode(whole, prompts, self._embedding, frame, (0, 0), multimask):
+            for objects, embedding, view, (x0, y0) in self.views(prompts, zoom):
+                zoomed = view is not frame
+                h, w = view.image_shape
+                box = (x0, y0, x0 + w, y0 + h)
                 step = max(1, UPSAMPLE_BYTES // (4 * c * h * w))
-                for s in range(0, len(idx), step):
-                    part = slice(s, s + step)
-                    logits = logits_to_image(lr[part], frame, self.info.preprocessing)
-                    yield _Chunk(idx[part], (0, 0, w, h), logits, iou[part].cpu().numpy(), False,
-                                 lr[part].cpu().numpy() if low_res else None)
-                bar.update(len(idx))
-            for crop in crops:
-                x0, y0, x1, y1 = crop.box
-                embedding, crop_frame = self.embed_region(crop.box)
-                step = max(1, UPSAMPLE_BYTES // (4 * c * (y1 - y0) * (x1 - x0)))
-                for idx, lr, iou in self._decode(crop.objects, prompts, embedding, crop_frame, (x0, y0), multimask):
+                for idx, lr, iou in self._decode(objects, prompts, embedding, view, (x0, y0), multimask, decoder):
                     for s in range(0, len(idx), step):
                         part = slice(s, s + step)
-                        logits = logits_to_image(lr[part], crop_frame, self.info.preprocessing)
-                        yield _Chunk(idx[part], crop.box, logits, iou[part].cpu().numpy(), True,
-                                     crop_to_low_res(logits, crop.box, frame).cpu().numpy() if low_res else None)
+                        logits = logits_to_image(lr[part], view, self.info.preprocessing)
+                        small = None
+                        if low_res:
+                            small = (crop_to_low_res(logits, box, frame) if zoomed else lr[part]).cpu().numpy()
+                        yield _Chunk(idx[part], box, logits, iou[part].cpu().numpy(), zoomed, small)
                     bar.update(len(idx))
 
     @torch.inference_mode()
-    def _decode(self, indices, prompts, embedding, frame, offset, multimask):
+    def _decode(self, indices, prompts, embedding, frame, offset, multimask, decoder=None):
         """Yield ``(indices, low_res_logits, iou)`` for batches of same-structure prompts."""
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i in indices:
             groups[prompts[i].structure].append(i)
-        shift = np.array(offset, dtype=np.float64)
-        dev = self.device
+        model = decoder or self.model
         for members in groups.values():
             for start in range(0, len(members), self.batch_size):
                 idx = members[start : start + self.batch_size]
-                batch = [prompts[i] for i in idx]
-                coords = labels = boxes = mask_in = None
-                if batch[0].points is not None:
-                    pts = np.stack([frame.to_model(p.points - shift) for p in batch])
-                    coords = torch.as_tensor(pts, dtype=torch.float32, device=dev)
-                    labels = torch.as_tensor(np.stack([p.point_labels for p in batch]), dtype=torch.int64, device=dev)
-                if batch[0].box is not None:
-                    bx = np.stack([frame.to_model(p.box - np.tile(shift, 2)) for p in batch])
-                    boxes = torch.as_tensor(bx, dtype=torch.float32, device=dev)
-                if batch[0].mask is not None:
-                    mask_in = torch.as_tensor(np.stack([p.mask for p in batch])[:, None], device=dev)
-                lr, iou = self.model.decode(
-                    embedding,
-                    point_coords=coords,
-                    point_labels=labels,
-                    boxes=boxes,
-                    mask_inputs=mask_in,
-                    multimask=multimask,
-                )
+                inputs = decoder_inputs([prompts[i] for i in idx], frame, self._frame, offset, self.device)
+                lr, iou = model.decode(embedding, multimask=multimask, **inputs)
                 yield np.array(idx), lr.float(), iou.float()
+
+
+def decoder_inputs(prompts: list[Prompt], frame: Frame, whole: Frame, offset: tuple[int, int] = (0, 0),
+                   device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """A model's ``decode`` arguments for same-structure validated ``prompts`` (image pixels) in ``frame``.
+
+    ``frame`` is the whole image's frame ``whole`` or a crop's, whose top-left
+    corner lies at ``offset``; coordinates become model-input pixels, and mask
+    prompts (logits on ``whole``'s grid) are resampled onto a crop's grid.
+    """
+    shift = np.array(offset, dtype=np.float64)
+    inputs = {}
+    if prompts[0].points is not None:
+        pts = np.stack([frame.to_model(p.points - shift) for p in prompts])
+        inputs["point_coords"] = torch.as_tensor(pts, dtype=torch.float32, device=device)
+        inputs["point_labels"] = torch.as_tensor(np.stack([p.point_labels for p in prompts]), dtype=torch.int64,
+                                                 device=device)
+    if prompts[0].box is not None:
+        bx = np.stack([frame.to_model(p.box - np.tile(shift, 2)) for p in prompts])
+        inputs["boxes"] = torch.as_tensor(bx, dtype=torch.float32, device=device)
+    if prompts[0].mask is not None:
+        masks = torch.as_tensor(np.stack([p.mask for p in prompts])[:, None], device=device)
+        if frame != whole:
+            masks = resample_to_frame(masks, whole.low_res_per_px, frame, offset)
+        inputs["mask_inputs"] = masks
+    return inputs
 
 
 def _points_extent(prompt: Prompt, image_shape: tuple[int, int]) -> np.ndarray:

@@ -81,6 +81,13 @@ class Frame:
         factors = np.array([sx, sy] * (coords.shape[-1] // 2))
         return coords * factors
 
+    @property
+    def low_res_per_px(self) -> tuple[float, float]:
+        """Pixels of the 256 px decoder grid per original (x, y) pixel."""
+        sx, sy = self.scale_xy
+        f = LOW_RES / self.input_size
+        return sx * f, sy * f
+
 
 def check_proportions(
     image_shape: tuple[int, int], input_size: int, preprocessing: str, model: str | None = None
@@ -173,3 +180,39 @@ def crop_to_low_res(
         crop_logits, size=(ly1 - ly0, lx1 - lx0), mode="bilinear", align_corners=False, antialias=True
     )
     return out
+
+
+def resample_to_frame(
+    values: torch.Tensor, per_px: tuple[float, float], frame: Frame, offset: tuple[float, float] = (0, 0),
+    fill: float = -20.0,
+) -> torch.Tensor:
+    """Sample ``(N, C, h, w)`` maps laid over an image onto the 256 px decoder grid of ``frame``.
+
+    The maps start at the image's top-left corner with ``per_px`` (x, y) map
+    pixels per image pixel: ``(1, 1)`` for an image-size map,
+    :attr:`Frame.low_res_per_px` for another frame's decoder logits. ``frame``
+    is the whole image (``offset`` (0, 0)) or a crop whose top-left corner lies
+    at ``offset`` image pixels. Grid points on the frame's padding get ``fill``.
+    """
+    h, w = values.shape[-2:]
+    sx, sy = frame.scale_xy
+    centres = (torch.arange(LOW_RES, dtype=torch.float64) + 0.5) * frame.input_size / LOW_RES  # model-input pixels
+    # grid_sample (align_corners=False) puts map edges at -1 and 1
+    gx = (centres / sx + offset[0]) * per_px[0] / w * 2 - 1
+    gy = (centres / sy + offset[1]) * per_px[1] / h * 2 - 1
+    grid = torch.stack([gx[None, :].expand(LOW_RES, -1), gy[:, None].expand(-1, LOW_RES)], dim=-1)
+    grid = grid.to(values.device, values.dtype).expand(len(values), -1, -1, -1)
+    out = F.grid_sample(values, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    padding = (centres >= frame.resized[0])[:, None] | (centres >= frame.resized[1])[None, :]
+    out[..., padding.to(out.device)] = fill
+    return out
+
+
+#: The logit a mask prompt made from a binary mask (:func:`mask_logits`) gives inside (+) and outside (-) the mask.
+MASK_LOGIT = 10.0
+
+
+def mask_logits(mask: np.ndarray, frame: Frame) -> np.ndarray:
+    """A binary ``(H, W)`` mask of the image as ``(256, 256)`` decoder logits of ``frame``, usable as a mask prompt."""
+    values = torch.from_numpy(np.where(np.asarray(mask, bool), MASK_LOGIT, -MASK_LOGIT).astype(np.float32))
+    return resample_to_frame(values[None, None], (1.0, 1.0), frame, fill=-MASK_LOGIT)[0, 0].numpy()

@@ -84,7 +84,8 @@ class VesicleSettings:
     # The box for the next slice: the mask's box grown by 15% of its side, so that it takes in the membrane;
     # the stop rules chosen for vesicles before the intensity rule existed.
     propagation: PropagationSettings = field(
-        default_factory=lambda: PropagationSettings(box_margin=0.15, min_overlap=0.5, max_shift=float("inf")))
+        default_factory=lambda: PropagationSettings(projection="box", box_margin=0.15, min_overlap=0.5,
+                                                    max_shift=float("inf")))
 
     def __post_init__(self) -> None:
         several, _ = whole("n_slabs", self.n_slabs, 2)

@@ -3,7 +3,9 @@
 SAM v1 models (LiteMedSAM, MedSAM, SAM, micro-sam) see one slice at a time, so
 an object is carried from slice to slice by turning its mask on the last slice
 into a prompt for the next (its box, an interior point, its logits, or box and
-logits), the way micro-sam and MedSAM's 3D inference work. Every slice is
+logits, the way micro-sam and MedSAM's 3D inference work; or, where the model
+has a propagation adapter, :mod:`biosam.volume.adapter`, its box and mask
+decoded by the adapter). Every slice is
 embedded once per sweep, for all objects on it together, and small objects get
 the predictor's zoomed crops. An object stops where it ends: the predicted IoU
 falls below a threshold, its area collapses or explodes, the new mask no longer
@@ -17,6 +19,7 @@ slice, and never ends between two of its prompted slices.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -28,7 +31,8 @@ from biosam.errors import InputError
 from biosam.labels import label_dtype
 from biosam.models.sam2.model import Sam2
 from biosam.prompting.intensity import volume_normalizer
-from biosam.prompting.predictor import Predictor
+from biosam.prompting.predictor import Prediction, Predictor
+from biosam.prompting.preprocess import Frame, mask_logits
 from biosam.prompting.prompts import Prompt, mask_box
 from biosam.prompting.zoom import ZOOM_MODES
 from biosam.settings import check, choice, positive, rule, whole, within
@@ -36,9 +40,10 @@ from biosam.volume.ownership import PromptedSlices, claim, write_slice
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PROJECTIONS", "PropagationSettings", "VolumeSegmentation", "group_objects", "segment_volume"]
+__all__ = ["PROJECTIONS", "PropagationSettings", "VolumeSegmentation", "carried_prompt", "group_objects",
+           "segment_volume"]
 
-PROJECTIONS = ("box", "box+mask", "points", "mask")
+PROJECTIONS = ("auto", "learned", "box", "box+mask", "points", "mask")
 
 
 @dataclass(frozen=True)
@@ -46,10 +51,13 @@ class PropagationSettings:
     """How objects are carried between slices and when they stop.
 
     ``projection``: the prompt made from an object's mask on the previous slice:
-    ``box`` (its bounding box enlarged by ``box_margin`` of its side, at least
-    2 px; best for box-trained models such as MedSAM/LiteMedSAM), ``box+mask``
-    (also its logits), ``points`` (one point at its innermost pixel) or
-    ``mask`` (its logits alone). An object stops when its predicted IoU is
+    ``learned`` (its box and the mask itself, decoded by the model's
+    propagation adapter, :mod:`biosam.volume.adapter`), ``box`` (its bounding
+    box enlarged by ``box_margin`` of its side, at least 2 px; best for
+    box-trained models such as MedSAM/LiteMedSAM without an adapter),
+    ``box+mask`` (also its logits), ``points`` (one point at its innermost
+    pixel) or ``mask`` (its logits alone); ``auto``: ``learned`` where an
+    adapter ships for the model, else ``box``. An object stops when its predicted IoU is
     below ``min_score``, its area is below ``min_area`` pixels, below
     ``collapse`` or above ``growth`` times its area on the previous slice, or
     its IoU with the previous slice's mask is below ``min_overlap``, its mean
@@ -63,7 +71,7 @@ class PropagationSettings:
     ``zoom`` is the predictor's small-object zoom (``auto``, ``on``, ``off``).
     """
 
-    projection: str = "box"
+    projection: str = "auto"
     box_margin: float = 0.05
     min_score: float = 0.5
     min_area: int = 10
@@ -96,12 +104,14 @@ class VolumeSegmentation:
     slice, NaN where the object is absent. ``z_range``: ``(n, 2)`` first and
     last slice of each object. ``normalize``: the intensity mapping used for every
     slice (raw slice -> [0, 255] float32), e.g. to draw an overlay of a slice.
+    ``projection``: how objects were carried (``auto`` resolved; ``memory`` for SAM 2 models).
     """
 
     labels: np.ndarray
     scores: np.ndarray
     z_range: np.ndarray
     normalize: Callable[[np.ndarray], np.ndarray] | None = None
+    projection: str | None = None
 
 
 @dataclass
@@ -156,23 +166,36 @@ def _check(volume, prompts: list[Prompt]) -> tuple[int, int, int]:
     return depth, shape[1], shape[2]
 
 
-def _projection(track: _Track, settings: PropagationSettings, z: int) -> Prompt:
-    """The prompt for the next slice made from an object's mask on this one."""
-    h, w = track.mask.shape
-    box = mask_box(track.mask)
-    pad = np.maximum(2.0, settings.box_margin * (box[2:] - box[:2]))
+def carried_prompt(mask: np.ndarray, logits: np.ndarray | None, projection: str, box_margin: float, z: int,
+                   frame: Frame) -> Prompt:
+    """The prompt for slice ``z`` made from an object's ``mask`` (and decoder ``logits``) on the slice before.
+
+    ``projection`` is one of :data:`PROJECTIONS` but ``auto``; ``frame`` is the
+    slices' frame (a ``learned`` mask prompt lies on its decoder grid).
+    """
+    h, w = mask.shape
+    box = mask_box(mask)
+    pad = np.maximum(2.0, box_margin * (box[2:] - box[:2]))
     box = np.clip(box + np.concatenate([-pad, pad]), 0, [w, h, w, h])
-    if settings.projection == "box":
+    if projection == "box":
         return Prompt(box=box, z=z)
-    if settings.projection == "box+mask":
-        return Prompt(box=box, mask=track.logits, z=z)
-    if settings.projection == "mask":
-        return Prompt(mask=track.logits, z=z)
+    if projection == "learned":
+        return Prompt(box=box, mask=mask_logits(mask, frame), z=z)
+    if projection == "box+mask":
+        return Prompt(box=box, mask=logits, z=z)
+    if projection == "mask":
+        return Prompt(mask=logits, z=z)
     # the innermost pixel lies well inside even a thin or concave object
     y0, x0, y1, x1 = int(box[1]), int(box[0]), int(box[3]), int(box[2])
-    depth = ndi.distance_transform_edt(np.pad(track.mask[y0:y1, x0:x1], 1))[1:-1, 1:-1]
+    depth = ndi.distance_transform_edt(np.pad(mask[y0:y1, x0:x1], 1))[1:-1, 1:-1]
     y, x = np.unravel_index(int(np.argmax(depth)), depth.shape)
     return Prompt(points=np.array([[x0 + x + 0.5, y0 + y + 0.5]]), point_labels=np.array([1]), z=z)
+
+
+def _joined(a: Prediction, b: Prediction) -> Prediction:
+    """Two predictions on one image as one, ``a``'s objects first."""
+    return Prediction(*(np.concatenate([x, y]) for x, y in
+                        zip((a.masks, a.scores, a.low_res_logits, a.zoomed), (b.masks, b.scores, b.low_res_logits, b.zoomed))))
 
 
 def _stops(track: _Track, mask: np.ndarray, score: float, plane: np.ndarray, settings: PropagationSettings) -> str | None:
@@ -227,6 +250,7 @@ def segment_volume(
     intensity: str = "auto",
     progress: bool = True,
     out=None,
+    adapter: str | os.PathLike | None = None,
 ) -> VolumeSegmentation:
     """Segment objects in 3D from prompts on one or more slices.
 
@@ -245,6 +269,8 @@ def segment_volume(
     what :func:`biosam.io.open_labels` yields, indexed by slice) to write the
     labels into slice by slice, so that no volume-sized array is held in memory.
     Object ``k`` (see :func:`group_objects`) gets label ``k + 1``.
+    ``adapter``: a propagation adapter file for the ``learned`` projection
+    (default: the one shipped for the model, if any).
     """
     settings = settings or PropagationSettings()
     depth, height, width = _check(volume, prompts)
@@ -256,13 +282,25 @@ def segment_volume(
         from biosam.volume.sam2_tracking import track_objects
 
         track_objects(predictor, volume, objects, settings, normalize, labels, scores, progress)
+        projection = "memory"
     else:
-        _project_objects(predictor, volume, objects, settings, normalize, labels, scores, progress)
-    return VolumeSegmentation(labels, scores, _z_range(scores), normalize)
+        decoder = None
+        if settings.projection in ("auto", "learned"):
+            from biosam.volume.adapter import propagation_decoder
+
+            decoder = propagation_decoder(predictor.model, adapter)
+            if decoder is None and settings.projection == "learned":
+                raise InputError(f"no propagation adapter ships for {predictor.info.name}; train one "
+                                 "(biosam.train.propagation) and pass it as adapter=, or use projection='box'.")
+            settings = replace(settings, projection="box" if decoder is None else "learned")
+        _project_objects(predictor, volume, objects, settings, normalize, labels, scores, progress, decoder)
+        projection = settings.projection
+    return VolumeSegmentation(labels, scores, _z_range(scores), normalize, projection)
 
 
-def _project_objects(predictor, volume, objects, settings, normalize, labels, scores, progress) -> None:
-    """SAM v1: carry each object to the next slice as a prompt made from its last mask."""
+def _project_objects(predictor, volume, objects, settings, normalize, labels, scores, progress, decoder) -> None:
+    """SAM v1: carry each object to the next slice as a prompt made from its last mask (decoded by ``decoder``,
+    the propagation adapter, where given)."""
     depth = labels.shape[0]
     slices = PromptedSlices(objects)
     asked: dict[int, dict[int, Prompt]] = {}
@@ -286,9 +324,12 @@ def _project_objects(predictor, volume, objects, settings, normalize, labels, sc
             if new or carried:
                 bar.set_postfix(objects=len(new) + len(carried))
                 plane = normalize(volume[z])
-                request = [replace(here[i], z=z) for i in new] + [_projection(active[i], settings, z) for i in carried]
                 predictor.set_image(plane, intensity="none")
-                result = predictor.predict_prompts(request, zoom=settings.zoom)
+                result = predictor.predict_prompts([replace(here[i], z=z) for i in new], zoom=settings.zoom)
+                if carried:
+                    request = [carried_prompt(active[i].mask, active[i].logits, settings.projection,
+                                              settings.box_margin, z, predictor.frame) for i in carried]
+                    result = _joined(result, predictor.predict_prompts(request, zoom=settings.zoom, decoder=decoder))
                 grey = plane.mean(axis=-1) if plane.ndim == 3 else plane
                 order = new + carried
                 near = [slices.distance(i, z) for i in order]
