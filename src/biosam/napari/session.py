@@ -3,7 +3,10 @@
 One object is annotated at a time: its prompts (one box and any number of
 positive/negative points) are segmented on the current slice, or followed
 through all slices of a volume, and committed into the label image with the
-next free id. Coordinates are biosam's: pixel ``i`` spans ``[i, i + 1)``, boxes
+next free id. Prompts followed through a volume are remembered per slice until
+the object is committed or cleared, so a second prompt on another slice corrects
+the propagation (one object prompted on several slices, see
+:func:`biosam.volume.segment_volume`). Coordinates are biosam's: pixel ``i`` spans ``[i, i + 1)``, boxes
 ``(x0, y0, x1, y1)``, points ``(x, y)``.
 """
 
@@ -70,6 +73,8 @@ class AnnotationSession:
         self.warnings: list[str] = []
         self._embedded_z: int | None = None
         self._history: list[_Commit] = []
+        # the current object's prompts followed through the volume, by slice
+        self.volume_prompts: dict[int, Prompt] = {}
 
     # -- image and embedding -------------------------------------------------------------------
 
@@ -136,12 +141,14 @@ class AnnotationSession:
         return mask
 
     def segment_volume(self) -> np.ndarray:
-        """Follow the current object from its prompted slice through the volume; returns :attr:`current`."""
+        """Follow the current object through the volume from its prompt on this slice and from the prompts it
+        was followed from on other slices (:attr:`volume_prompts`); returns :attr:`current`."""
         if not self.is_volume:
             raise InputError("segmenting through all slices needs a volume (Z, Y, X); this image is 2D.")
-        prompt = self._prompt()
-        self.warnings = self.predictor.prompt_warnings([prompt])
-        result = segment_volume(self.predictor, self.image, [prompt], self.propagation, intensity=self.intensity,
+        self.volume_prompts[self.z] = self._prompt()
+        prompts = [replace(p, object=0) for _, p in sorted(self.volume_prompts.items())]
+        self.warnings = self.predictor.prompt_warnings(prompts)
+        result = segment_volume(self.predictor, self.image, prompts, self.propagation, intensity=self.intensity,
                                 progress=False)
         self._embedded_z = None  # the predictor now holds some other slice
         self.current[...] = result.labels > 0
@@ -171,8 +178,9 @@ class AnnotationSession:
         return label
 
     def clear(self) -> None:
-        """Forget the current object's prompts and mask."""
+        """Forget the current object's prompts (on every slice) and mask."""
         self.set_prompts()
+        self.volume_prompts = {}
         self.current[...] = 0
         self.warnings = []
 
