@@ -21,7 +21,7 @@ import numpy as np
 
 from biosam.errors import InputError
 from biosam.prompting.intensity import CT_WINDOWS, PERCENTILES, resolve_preset
-from biosam.prompting.preprocess import _SAM2_MEAN, _SAM2_STD, _SAM_MEAN, _SAM_STD
+from biosam.prompting.preprocess import SAM2_MEAN, SAM2_STD, SAM_MEAN, SAM_STD
 
 
 @dataclass(frozen=True)
@@ -179,10 +179,10 @@ def preprocessing_steps(preprocessing: str, intensity: str) -> list[dict]:
     elif preprocessing == "sam":
         # SAM's pixel mean and std are given on the 0-255 scale; the steps above end on 0-1.
         steps.append({"id": "fixed_zero_mean_unit_variance", "kwargs": {
-            "axis": "channel", "mean": [m / 255 for m in _SAM_MEAN], "std": [s / 255 for s in _SAM_STD]}})
+            "axis": "channel", "mean": [m / 255 for m in SAM_MEAN], "std": [s / 255 for s in SAM_STD]}})
     elif preprocessing == "sam2":
         steps.append({"id": "fixed_zero_mean_unit_variance", "kwargs": {
-            "axis": "channel", "mean": list(_SAM2_MEAN), "std": list(_SAM2_STD)}})
+            "axis": "channel", "mean": list(SAM2_MEAN), "std": list(SAM2_STD)}})
     else:
         raise InputError(f"unknown preprocessing '{preprocessing}'.")
     return steps

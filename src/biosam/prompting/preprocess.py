@@ -34,10 +34,12 @@ import torch.nn.functional as F
 from biosam.errors import InputError
 
 PREPROCESSINGS = ("sam", "medsam", "lite_medsam", "sam2")
-_SAM_MEAN = (123.675, 116.28, 103.53)
-_SAM_STD = (58.395, 57.12, 57.375)
-_SAM2_MEAN = (0.485, 0.456, 0.406)
-_SAM2_STD = (0.229, 0.224, 0.225)
+# Pixel mean and std of the `sam` (0-255 scale) and `sam2` (0-1 scale) preprocessings; the bioimage.io
+# export writes them into its packages' preprocessing steps.
+SAM_MEAN = (123.675, 116.28, 103.53)
+SAM_STD = (58.395, 57.12, 57.375)
+SAM2_MEAN = (0.485, 0.456, 0.406)
+SAM2_STD = (0.229, 0.224, 0.225)
 # Preprocessings that stretch the image to the square input instead of padding it.
 _SQUARE = ("medsam", "sam2")
 # Side of the decoder logits the prompting code exchanges: every SAM v1 model's, and SAM 2's at
@@ -130,12 +132,12 @@ def model_input(rgb: np.ndarray, frame: Frame, preprocessing: str) -> torch.Tens
         x = F.interpolate(x, size=frame.resized, mode=mode, align_corners=False, antialias=True)
         x = x.clamp(0.0, 255.0)
     if preprocessing == "sam":
-        mean = torch.tensor(_SAM_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(_SAM_STD).view(1, 3, 1, 1)
+        mean = torch.tensor(SAM_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(SAM_STD).view(1, 3, 1, 1)
         x = (x - mean) / std
     elif preprocessing == "sam2":
-        mean = torch.tensor(_SAM2_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(_SAM2_STD).view(1, 3, 1, 1)
+        mean = torch.tensor(SAM2_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(SAM2_STD).view(1, 3, 1, 1)
         x = (x / 255.0 - mean) / std
     else:
         x = _minmax(x)
