@@ -83,14 +83,12 @@ def propagation_decoder(model, path: str | os.PathLike | None = None) -> Sam | N
     same name), with a log message.
     """
     info = getattr(model, "info", None)
-    if path is None:
+    shipped = path is None
+    if shipped:
         name = None if info is None or info.spec is None else info.spec.base_name
         path = shipped_adapter_path(name) if isinstance(model, Sam) and name else None
         if path is None:
             return None
-        shipped = True
-    else:
-        shipped = False
     payload = read_plain_checkpoint(path, "propagation adapter")
     meta = payload.get("biosam", {}) if isinstance(payload, dict) else {}
     if meta.get("format") != ADAPTER_FORMAT:

@@ -36,6 +36,7 @@ from biosam.prompting.preprocess import Frame, mask_logits
 from biosam.prompting.prompts import Prompt, mask_box
 from biosam.prompting.zoom import ZOOM_MODES
 from biosam.settings import check, choice, positive, rule, whole, within
+from biosam.volume.adapter import propagation_decoder
 from biosam.volume.ownership import PromptedSlices, claim, write_slice
 
 logger = logging.getLogger(__name__)
@@ -286,8 +287,6 @@ def segment_volume(
     else:
         decoder = None
         if settings.projection in ("auto", "learned"):
-            from biosam.volume.adapter import propagation_decoder
-
             decoder = propagation_decoder(predictor.model, adapter)
             if decoder is None and settings.projection == "learned":
                 raise InputError(f"no propagation adapter ships for {predictor.info.name}; train one "
