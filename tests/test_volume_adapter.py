@@ -49,8 +49,10 @@ def test_a_mask_prompt_lands_on_the_same_pixels_in_a_crop(dsb_nuclei, preprocess
     moved = resample_to_frame(on_whole, whole.low_res_per_px, crop, (x0, y0))[0, 0].numpy()
     direct = mask_logits(mask[y0:y1, x0:x1], crop)
     assert direct.max() > 0 and _iou(moved > 0, direct > 0) > 0.8
-    rows, cols = crop.resized
+    rows, cols = crop.low_res_extent
+    assert (rows < 256 or cols < 256) == (preprocessing != "medsam")  # medsam stretches crops to the square
     assert (moved[rows:, :] < 0).all() and (moved[:, cols:] < 0).all()
+    assert (moved[:rows, :cols] > 0).any()
 
 
 def test_decoder_lora_is_used_by_every_attention_path():
@@ -101,6 +103,28 @@ def test_shipped_adapter_loads_for_lite_medsam_only(lite_medsam, tmp_path):
         propagation_decoder(lite_medsam, bad)
 
 
+def test_one_call_decodes_each_prompt_with_its_own_decoder(nuclei_3d, lite_medsam):
+    """Per-prompt decoders (how propagation decodes new and carried objects together) give what separate calls
+    give; a list of the wrong length is refused."""
+    image, labels = nuclei_3d
+    predictor = biosam.Predictor(lite_medsam)
+    predictor.set_image(image[15])
+    ids = [int(i) for i in np.unique(labels[15])[1:4]]
+    prompts = []
+    for i in ids:
+        ys, xs = np.nonzero(labels[15] == i)
+        prompts.append(biosam.Prompt(box=np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], float)))
+    adapter = propagation_decoder(lite_medsam)
+    both = predictor.predict_prompts(prompts, zoom="off", decoder=[None, adapter, None])
+    plain = predictor.predict_prompts([prompts[0], prompts[2]], zoom="off")
+    learned = predictor.predict_prompts([prompts[1]], zoom="off", decoder=adapter)
+    np.testing.assert_allclose(both.low_res_logits[[0, 2]], plain.low_res_logits, atol=1e-4)
+    np.testing.assert_allclose(both.low_res_logits[[1]], learned.low_res_logits, atol=1e-4)
+    assert np.abs(both.low_res_logits[1] - predictor.predict_prompts([prompts[1]], zoom="off").low_res_logits[0]).max() > 0.1
+    with pytest.raises(ValueError, match="one per prompt"):
+        predictor.predict_prompts(prompts, decoder=[adapter])
+
+
 def test_learned_projection_needs_an_adapter(nuclei_3d, lite_medsam):
     image, labels = nuclei_3d
     ys, xs = np.nonzero(labels[15] == labels[15].max())
@@ -109,6 +133,11 @@ def test_learned_projection_needs_an_adapter(nuclei_3d, lite_medsam):
     resolved = segment_volume(predictor, image, [prompt], PropagationSettings(projection="auto"), progress=False)
     learned = segment_volume(predictor, image, [prompt], PropagationSettings(projection="learned"), progress=False)
     np.testing.assert_array_equal(resolved.labels, learned.labels)  # auto takes the shipped adapter
+    loaded = segment_volume(predictor, image, [prompt], adapter=propagation_decoder(lite_medsam), progress=False)
+    np.testing.assert_array_equal(loaded.labels, learned.labels)  # an adapter loaded once, passed as a module
+    other = propagation_decoder(biosam.load_model("lite_medsam"))  # same weights, another model's encoder
+    with pytest.raises(InputError, match="made for another model"):
+        segment_volume(predictor, image, [prompt], adapter=other, progress=False)
 
 
 def test_training_writes_an_adapter_that_propagation_uses(nuclei_3d, lite_medsam, tmp_path):

@@ -132,7 +132,7 @@ def volume(image, output, prompts_file, projection, adapter, min_score, min_over
     if adapter is not None:
         from biosam.volume.adapter import propagation_decoder
 
-        propagation_decoder(predictor.model, adapter)  # a bad file stops here, before the output is opened
+        adapter = propagation_decoder(predictor.model, adapter)  # a bad file stops here, before the output is opened
     slices = _Slices(data, meta, t, channel)
     # a blank prompted slice, and points alone for a box-trained model, give unreliable objects (logged as well)
     warnings = [w for z in sorted({int(p.z) for p in prompts})

@@ -6,7 +6,7 @@ import json
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -321,7 +321,7 @@ class Predictor:
 
     def predict_prompts(
         self, prompts: list[Prompt], multimask: bool = False, zoom: str = "auto", progress: bool = False,
-        decoder: torch.nn.Module | None = None,
+        decoder: torch.nn.Module | Sequence[torch.nn.Module | None] | None = None,
     ) -> Prediction:
         """Segment one object per :class:`Prompt`; output arrays are ``(N, C, ...)``.
 
@@ -329,11 +329,14 @@ class Predictor:
         :meth:`predict_labels`, which gives the same labels in bounded memory.
         ``decoder``: a model sharing this model's image encoder (and so its
         embeddings) that decodes the prompts instead, e.g. a propagation adapter
-        (:func:`biosam.volume.adapter.propagation_decoder`).
+        (:func:`biosam.volume.adapter.propagation_decoder`); or one per prompt
+        (None: this model), so that crops shared by prompts of both are embedded once.
         """
         self._require_image()
         h, w = self._frame.image_shape
         prompts = [p.validate((h, w)) for p in prompts]
+        if isinstance(decoder, Sequence) and len(decoder) != len(prompts):
+            raise ValueError(f"{len(decoder)} decoders for {len(prompts)} prompts; give one per prompt.")
         n, c = len(prompts), 3 if multimask else 1
         masks = np.zeros((n, c, h, w), dtype=bool)
         scores = np.zeros((n, c), dtype=np.float32)
@@ -446,7 +449,7 @@ class Predictor:
 
     def _chunks(
         self, prompts: list[Prompt], multimask: bool, zoom: str, progress: bool, low_res: bool = False,
-        decoder: torch.nn.Module | None = None,
+        decoder: torch.nn.Module | Sequence[torch.nn.Module | None] | None = None,
     ) -> Iterator[_Chunk]:
         """Decode validated ``prompts`` a batch at a time: whole-image objects first, then each zoomed crop.
 
@@ -476,12 +479,13 @@ class Predictor:
 
     @torch.inference_mode()
     def _decode(self, indices, prompts, embedding, frame, offset, multimask, decoder=None):
-        """Yield ``(indices, low_res_logits, iou)`` for batches of same-structure prompts."""
+        """Yield ``(indices, low_res_logits, iou)`` for batches of same-structure prompts with the same decoder."""
+        decoders = decoder if isinstance(decoder, Sequence) else [decoder] * len(prompts)
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i in indices:
-            groups[prompts[i].structure].append(i)
-        model = decoder or self.model
+            groups[prompts[i].structure, id(decoders[i])].append(i)
         for members in groups.values():
+            model = decoders[members[0]] or self.model
             for start in range(0, len(members), self.batch_size):
                 idx = members[start : start + self.batch_size]
                 inputs = decoder_inputs([prompts[i] for i in idx], frame, self._frame, offset, self.device)

@@ -25,6 +25,7 @@ in place of the authors' PIL/OpenCV/scikit-image calls.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,6 +90,12 @@ class Frame:
         sx, sy = self.scale_xy
         f = LOW_RES / self.input_size
         return sx * f, sy * f
+
+    @property
+    def low_res_extent(self) -> tuple[int, int]:
+        """How many rows and columns of the 256 px decoder grid have their centres on the image (the rest: padding)."""
+        h, w = (max(1, math.ceil(r * LOW_RES / self.input_size - 0.5)) for r in self.resized)
+        return h, w
 
 
 def check_proportions(
@@ -205,8 +212,9 @@ def resample_to_frame(
     grid = torch.stack([gx[None, :].expand(LOW_RES, -1), gy[:, None].expand(-1, LOW_RES)], dim=-1)
     grid = grid.to(values.device, values.dtype).expand(len(values), -1, -1, -1)
     out = F.grid_sample(values, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    padding = (centres >= frame.resized[0])[:, None] | (centres >= frame.resized[1])[None, :]
-    out[..., padding.to(out.device)] = fill
+    h, w = frame.low_res_extent
+    out[..., h:, :] = fill
+    out[..., :, w:] = fill
     return out
 
 

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from biosam.evaluate import boxes_from_labels
 from biosam.models.sam import Sam
-from biosam.prompting.preprocess import Frame, model_input
+from biosam.prompting.preprocess import LOW_RES, Frame, model_input
 from biosam.train.finetune_settings import FinetuneSettings
 
 
@@ -45,8 +45,8 @@ def make_batch(model: Sam, rgb: np.ndarray, labels: np.ndarray, settings: Finetu
         return None
     ids = np.sort(rng.choice(ids, size=min(settings.batch_size, ids.size), replace=False))
     frame = Frame.create(labels.shape, model.image_size, preprocessing)
-    size, low = model.image_size, 4 * model.config.image_embedding_size
-    lh, lw = (max(1, round(r * low / size)) for r in frame.resized)
+    low = LOW_RES
+    lh, lw = frame.low_res_extent
     device = model.device
 
     boxes_all, box_ids = boxes_from_labels(labels)

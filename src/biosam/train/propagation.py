@@ -154,7 +154,7 @@ def _batch(examples: list[_Example], store: _Examples, data: list[LabelledVolume
         truth = torch.from_numpy((labels[ex.z_to] == ex.label).astype(np.float32))[None, None]
         targets.append(resample_to_frame(truth, (1.0, 1.0), ex.view, ex.offset, fill=0.0))
         inside = torch.zeros(LOW_RES, LOW_RES, dtype=torch.bool)
-        h, w = (int(np.ceil(r * LOW_RES / ex.view.input_size)) for r in ex.view.resized)
+        h, w = ex.view.low_res_extent
         inside[:h, :w] = True
         valid.append(inside)
     joined = {k: torch.cat([x[k] for x in inputs]) for k in inputs[0]}

@@ -29,9 +29,10 @@ from tqdm.auto import tqdm
 
 from biosam.errors import InputError
 from biosam.labels import label_dtype
+from biosam.models.sam import Sam
 from biosam.models.sam2.model import Sam2
 from biosam.prompting.intensity import volume_normalizer
-from biosam.prompting.predictor import Prediction, Predictor
+from biosam.prompting.predictor import Predictor
 from biosam.prompting.preprocess import Frame, mask_logits
 from biosam.prompting.prompts import Prompt, mask_box
 from biosam.prompting.zoom import ZOOM_MODES
@@ -193,12 +194,6 @@ def carried_prompt(mask: np.ndarray, logits: np.ndarray | None, projection: str,
     return Prompt(points=np.array([[x0 + x + 0.5, y0 + y + 0.5]]), point_labels=np.array([1]), z=z)
 
 
-def _joined(a: Prediction, b: Prediction) -> Prediction:
-    """Two predictions on one image as one, ``a``'s objects first."""
-    return Prediction(*(np.concatenate([x, y]) for x, y in
-                        zip((a.masks, a.scores, a.low_res_logits, a.zoomed), (b.masks, b.scores, b.low_res_logits, b.zoomed))))
-
-
 def _stops(track: _Track, mask: np.ndarray, score: float, plane: np.ndarray, settings: PropagationSettings) -> str | None:
     area = int(mask.sum())
     if score < settings.min_score:
@@ -251,7 +246,7 @@ def segment_volume(
     intensity: str = "auto",
     progress: bool = True,
     out=None,
-    adapter: str | os.PathLike | None = None,
+    adapter: str | os.PathLike | Sam | None = None,
 ) -> VolumeSegmentation:
     """Segment objects in 3D from prompts on one or more slices.
 
@@ -270,8 +265,9 @@ def segment_volume(
     what :func:`biosam.io.open_labels` yields, indexed by slice) to write the
     labels into slice by slice, so that no volume-sized array is held in memory.
     Object ``k`` (see :func:`group_objects`) gets label ``k + 1``.
-    ``adapter``: a propagation adapter file for the ``learned`` projection
-    (default: the one shipped for the model, if any).
+    ``adapter``: a propagation adapter for the ``learned`` projection, as a file
+    or as loaded by :func:`~biosam.volume.adapter.propagation_decoder` (default:
+    the one shipped for the model, if any).
     """
     settings = settings or PropagationSettings()
     depth, height, width = _check(volume, prompts)
@@ -287,7 +283,10 @@ def segment_volume(
     else:
         decoder = None
         if settings.projection in ("auto", "learned"):
-            decoder = propagation_decoder(predictor.model, adapter)
+            decoder = adapter if isinstance(adapter, Sam) else propagation_decoder(predictor.model, adapter)
+            if decoder is not None and decoder.image_encoder is not predictor.model.image_encoder:
+                raise InputError("the propagation adapter given was made for another model; load it with "
+                                 "propagation_decoder(predictor.model, path).")
             if decoder is None and settings.projection == "learned":
                 raise InputError(f"no propagation adapter ships for {predictor.info.name}; train one "
                                  "(biosam.train.propagation) and pass it as adapter=, or use projection='box'.")
@@ -324,11 +323,12 @@ def _project_objects(predictor, volume, objects, settings, normalize, labels, sc
                 bar.set_postfix(objects=len(new) + len(carried))
                 plane = normalize(volume[z])
                 predictor.set_image(plane, intensity="none")
-                result = predictor.predict_prompts([replace(here[i], z=z) for i in new], zoom=settings.zoom)
-                if carried:
-                    request = [carried_prompt(active[i].mask, active[i].logits, settings.projection,
-                                              settings.box_margin, z, predictor.frame) for i in carried]
-                    result = _joined(result, predictor.predict_prompts(request, zoom=settings.zoom, decoder=decoder))
+                request = [replace(here[i], z=z) for i in new] + [
+                    carried_prompt(active[i].mask, active[i].logits, settings.projection, settings.box_margin, z,
+                                   predictor.frame) for i in carried]
+                # one call, so that a zoomed crop shared by a new and a carried object is embedded once
+                result = predictor.predict_prompts(request, zoom=settings.zoom,
+                                                   decoder=[None] * len(new) + [decoder] * len(carried))
                 grey = plane.mean(axis=-1) if plane.ndim == 3 else plane
                 order = new + carried
                 near = [slices.distance(i, z) for i in order]
