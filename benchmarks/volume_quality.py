@@ -29,6 +29,8 @@ propagation went wrong).
 
     python benchmarks/volume_quality.py [--model lite_medsam] [--projection box ...] [--plot dice.png]
                                         [--out table.md]
+    python benchmarks/volume_quality.py --truth-ends [--sets NAME --plot ends.png]   # where the truth
+                                        # itself hands an object on to another (no model needed)
 """
 
 from __future__ import annotations
@@ -169,6 +171,56 @@ def diagnose(labels, ids, prompts, predicted, oracle_labels) -> tuple[list[dict]
     return objects, curve
 
 
+def continued_ends(labels: np.ndarray, ids: list[int]) -> tuple[int, list[tuple[int, int, int, int, float]]]:
+    """Ends of the objects inside the stack, and those that go on as another object: ``(label, last slice, next
+    slice, other label, IoU)`` where more than half of the object's last mask lies on one other label there."""
+    ends, continued = 0, []
+    for i in ids:
+        zs = np.flatnonzero((labels == i).any(axis=(1, 2)))
+        for z, step in ((zs[-1], 1), (zs[0], -1)):
+            if not 0 <= z + step < labels.shape[0]:
+                continue
+            ends += 1
+            mask = labels[z] == i
+            under = labels[z + step][mask]
+            under = under[under > 0]
+            if under.size == 0:
+                continue
+            j = int(np.bincount(under).argmax())
+            other = labels[z + step] == j
+            if (mask & other).sum() > 0.5 * mask.sum():
+                continued.append((i, int(z), int(z + step), j, float((mask & other).sum() / (mask | other).sum())))
+    return ends, continued
+
+
+def plot_ends(volume: np.ndarray, labels: np.ndarray, cases: list, path: Path) -> None:
+    """Each case: the object's last slice with its outline, the next slice with the other object's, and the
+    next slice with the first object's outline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from skimage.segmentation import find_boundaries
+
+    fig, axes = plt.subplots(len(cases), 3, figsize=(7, 2.4 * len(cases)), squeeze=False)
+    for row, (i, z, z_next, j, iou) in zip(axes, cases):
+        mask, other = labels[z] == i, labels[z_next] == j
+        ys, xs = np.nonzero(mask | other)
+        y0, x0 = max(0, ys.min() - 30), max(0, xs.min() - 30)
+        box = np.s_[y0:ys.max() + 30, x0:xs.max() + 30]
+        for ax, plane, outline, title in ((row[0], z, mask, f"cell {i}: its last section, z={z}"),
+                                          (row[1], z_next, other, f"cell {j}, z={z_next} (IoU {iou:.2f})"),
+                                          (row[2], z_next, mask, f"z={z_next} with cell {i}'s outline")):
+            ax.imshow(volume[plane][box], cmap="gray")
+            edge = np.zeros(outline[box].shape + (4,))
+            edge[find_boundaries(outline[box])] = (1, 0, 0, 1)
+            ax.imshow(edge)
+            ax.set_title(title, fontsize=7)
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=60)
+
+
 def plot(curves: dict[str, list], path: Path) -> None:
     import matplotlib
 
@@ -199,7 +251,22 @@ def main() -> int:
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
     parser.add_argument("--plot", type=Path, help="write the Dice-against-distance plot (PNG) here")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--truth-ends", action="store_true",
+                        help="only count the objects' ends where the truth goes on as another object, and stop")
     args = parser.parse_args()
+    if args.truth_ends:
+        for name in args.sets:
+            load, min_slices, min_area = SETS[name]
+            volume, labels = load()
+            ids, _ = largest_slice_prompts(labels, min_slices, min_area)
+            for part in ("tuning", "held aside"):
+                ends, continued = continued_ends(labels, [i for i in ids if held_aside(name, i) == (part == "held aside")])
+                iou = np.median([c[-1] for c in continued]) if continued else float("nan")
+                print(f"{name} ({part}): {len(continued)} of {ends} ends inside the stack go on as another object "
+                      f"(median IoU {iou:.2f} with it)")
+                if args.plot and part == "tuning" and continued:  # pictures of tuning objects only
+                    plot_ends(volume, labels, continued[:4], args.plot)
+        return 0
     configure_cpu()
     predictor = biosam.Predictor(biosam.load_model(args.model))
     rows, curves = [], {}

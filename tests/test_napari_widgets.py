@@ -173,6 +173,26 @@ def test_automatic_widget_refuses_bad_amg_thresholds(qtbot, viewer):
     assert len(viewer.layers) == 1
 
 
+def test_a_failure_in_the_worker_is_shown_and_the_widget_is_ready_again(qtbot, viewer, nuclei, monkeypatch):
+    """A RuntimeError (how torch reports running out of memory) inside the run: superqt's generator workers
+    dropped it silently, and the widget stayed on *Stop* for good."""
+    import biosam.napari.automatic as automatic
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+        yield  # a generator, as segment_planes is
+
+    monkeypatch.setattr(automatic, "segment_planes", broken)
+    viewer.add_image(nuclei[:64, :64], name="small")
+    widget = automatic.AutomaticWidget(viewer)
+    qtbot.addWidget(widget)
+    count = len(notification_manager.records)
+    finish(qtbot, widget)
+    assert widget.status.text() == "failed: out of memory" and widget.result_layer is None
+    assert widget.run_button.text() == "Segment" and widget.progress.maximum() == 1
+    assert any("out of memory" in m for m in errors_since(count))
+
+
 def test_tomogram_widget_gives_the_pipelines_vesicles_and_measurements(qtbot, viewer, tomo, tmp_path):
     from biosam.napari.tomogram import TomogramWidget
 

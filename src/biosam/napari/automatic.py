@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import logging
 from collections.abc import Generator, Sequence
 
@@ -168,8 +169,69 @@ def segment_planes(predictor, data, planes: Sequence[int | None], settings: Auto
     return out.astype(label_dtype(int(out.max()))), warnings
 
 
-class AutomaticWidget(QWidget):
+class _Passed(Exception):
+    """A RuntimeError from inside a generator worker, carried out as its cause (see :func:`_passed_on`)."""
+
+
+def _passed_on(function):
+    """``function`` for a worker. superqt's generator workers take a RuntimeError for a deleted Qt object and
+    drop it, with neither "errored" nor "finished" (the widget would stay busy for good); torch reports its
+    failures (out of memory, among others) as RuntimeError, so they go out wrapped in :class:`_Passed`."""
+    if not inspect.isgeneratorfunction(function):
+        return function
+
+    @functools.wraps(function)
+    def passed(*args, **kwargs):
+        try:
+            return (yield from function(*args, **kwargs))
+        except RuntimeError as exc:
+            raise _Passed(str(exc)) from exc
+
+    return passed
+
+
+class RunPanel(QWidget):
+    """Base of the widgets that run one library call at a time in a background worker: subclasses set
+    :attr:`task`, make ``run_button``, ``progress`` and ``status``, and say in :meth:`_running` what the button
+    does while a run goes on."""
+
+    task = "run"  # names the work in failure messages
+
+    def _running(self, busy: bool) -> None:
+        self.run_button.setEnabled(not busy)
+
+    def _start(self, function, *args, returned, steps: int, status: str, **signals):
+        """Run ``function(*args)`` in a worker: ``returned`` gets its result; ``steps`` for the progress bar (0:
+        busy); ``signals``: more handlers by signal name (``yielded``, ``aborted``)."""
+        from napari.qt.threading import create_worker
+
+        # An "errored" handler of our own, or napari would re-raise the error on the GUI thread.
+        worker = create_worker(_passed_on(function), *args, _start_thread=False,
+                               _connect={"errored": self._failed, "finished": self._finished, "returned": returned,
+                                         **signals})
+        self.worker = worker
+        self._running(True)
+        self.progress.setRange(0, steps)
+        self.status.setText(status)
+        worker.start()
+        return worker
+
+    def _failed(self, exc: BaseException) -> None:
+        exc = exc.__cause__ if isinstance(exc, _Passed) else exc
+        show_failure(self.task, exc)
+        self.status.setText(f"failed: {exc}")
+
+    def _finished(self) -> None:
+        self.worker = None
+        self._running(False)
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+
+
+class AutomaticWidget(RunPanel):
     """Automatic segmentation of an image layer: ``ais`` (instance decoder) or ``amg`` (prompt grid)."""
+
+    task = "automatic segmentation"
 
     def __init__(self, napari_viewer, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -271,8 +333,6 @@ class AutomaticWidget(QWidget):
 
     def run(self):
         """Start a run on the chosen layer; returns its worker, or None when the input was refused."""
-        from napari.qt.threading import create_worker
-
         from biosam import Predictor
 
         if self.worker is not None:
@@ -284,21 +344,14 @@ class AutomaticWidget(QWidget):
             # loaded before the worker starts, so a model that cannot load is refused here, with the settings
             predictor = Predictor(self.model_selector.load())
         except BiosamError as exc:
-            show_failure("automatic segmentation", exc)
+            show_failure(self.task, exc)
             return None
-        # An "errored" handler of our own, or napari would re-raise the error on the GUI thread.
-        worker = create_worker(segment_planes, predictor, layer_pixels(layer), planes, settings, overrides,
-                               self.link_spin.value(), layer.name, _start_thread=False,
-                               _connect={"yielded": self._progressed, "errored": self._failed,
-                                         "returned": lambda result: self._add_labels(layer, result),
-                                         "finished": self._finished})
-        worker.aborted.connect(lambda: self.status.setText("stopped; no labels added"))
-        self.worker = worker
-        self.run_button.setText("Stop")
-        self.progress.setRange(0, 0 if len(planes) == 1 else len(planes))  # busy bar for one plane
-        self.status.setText(f"segmenting {layer.name} ({len(planes)} plane{'s' if len(planes) > 1 else ''})…")
-        worker.start()
-        return worker
+        return self._start(segment_planes, predictor, layer_pixels(layer), planes, settings, overrides,
+                           self.link_spin.value(), layer.name, returned=lambda result: self._add_labels(layer, result),
+                           steps=0 if len(planes) == 1 else len(planes),  # busy bar for one plane
+                           status=f"segmenting {layer.name} ({len(planes)} plane{'s' if len(planes) > 1 else ''})…",
+                           yielded=self._progressed,
+                           aborted=lambda: self.status.setText("stopped; no labels added"))
 
     def stop(self) -> None:
         """Ask the running worker to stop after the plane it is on; no layer is added."""
@@ -327,15 +380,8 @@ class AutomaticWidget(QWidget):
         self.result_layer = self.viewer.add_labels(labels, name=f"{layer.name} objects", **labels_geometry(layer))
         self.status.setText(f"{int(labels.max())} objects in {layer.name}")
 
-    def _failed(self, exc: BaseException) -> None:
-        show_failure("automatic segmentation", exc)
-        self.status.setText(f"failed: {exc}")
-
-    def _finished(self) -> None:
-        self.worker = None
-        self.run_button.setText("Segment")
-        self.progress.setRange(0, 1)
-        self.progress.setValue(0)
+    def _running(self, busy: bool) -> None:
+        self.run_button.setText("Stop" if busy else "Segment")  # the button stops a run (see _clicked)
 
     # -- field hints ------------------------------------------------------------------------------
 

@@ -33,7 +33,8 @@ from qtpy.QtWidgets import (
 
 from biosam.errors import BiosamError, InputError
 from biosam.io.voxel_size import VoxelSize
-from biosam.napari.automatic import ImageLayerBox, in_field_names, labels_geometry, layer_pixels, show_failure
+from biosam.napari.automatic import (ImageLayerBox, RunPanel, in_field_names, labels_geometry, layer_pixels,
+                                     show_failure)
 from biosam.napari.model_selector import ModelSelector
 from biosam.tomogram.grid import POLARITY_CHOICES
 from biosam.tomogram.vesicles import CANDIDATE_METHODS, VesicleSettings
@@ -126,8 +127,10 @@ def _file_row(edit: QLineEdit, browse) -> QHBoxLayout:
     return row
 
 
-class TomogramWidget(QWidget):
+class TomogramWidget(RunPanel):
     """Find, segment and measure vesicles in a tomogram layer."""
+
+    task = "vesicle segmentation"
 
     def __init__(self, napari_viewer, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -219,8 +222,6 @@ class TomogramWidget(QWidget):
 
     def run(self):
         """Start a run on the chosen layer; returns its worker, or None when the input was refused."""
-        from napari.qt.threading import create_worker
-
         from biosam import Predictor
 
         if self.worker is not None:
@@ -236,19 +237,12 @@ class TomogramWidget(QWidget):
             predictor = Predictor(self.model_selector.load())
             classifier = self._classifier(predictor.model, keep)
         except BiosamError as exc:
-            show_failure("vesicle segmentation", exc)
+            show_failure(self.task, exc)
             return None
-        # An "errored" handler of our own, or napari would re-raise the error on the GUI thread.
-        worker = create_worker(segment_tomogram, predictor, layer_pixels(layer), voxel, settings, classifier, keep,
-                               _start_thread=False,
-                               _connect={"errored": self._failed, "finished": self._finished,
-                                         "returned": lambda result: self._add_labels(layer, result, csv_path)})
-        self.worker = worker
-        self.run_button.setEnabled(False)
-        self.progress.setRange(0, 0)  # the pipeline reports no steps: a busy bar
-        self.status.setText(f"finding vesicles in {layer.name}…")
-        worker.start()
-        return worker
+        return self._start(segment_tomogram, predictor, layer_pixels(layer), voxel, settings, classifier, keep,
+                           returned=lambda result: self._add_labels(layer, result, csv_path),
+                           steps=0,  # the pipeline reports no steps: a busy bar
+                           status=f"finding vesicles in {layer.name}…")
 
     def _classifier(self, model, keep: list[str] | None):
         """The classifier of the field (None when blank), refused now if it does not fit the model."""
@@ -278,16 +272,6 @@ class TomogramWidget(QWidget):
             except (BiosamError, OSError) as exc:  # the layer stays: only the file failed
                 show_failure("saving the measurements", exc)
         self.status.setText(message)
-
-    def _failed(self, exc: BaseException) -> None:
-        show_failure("vesicle segmentation", exc)
-        self.status.setText(f"failed: {exc}")
-
-    def _finished(self) -> None:
-        self.worker = None
-        self.run_button.setEnabled(True)
-        self.progress.setRange(0, 1)
-        self.progress.setValue(0)
 
     # -- field helpers ----------------------------------------------------------------------------
 
