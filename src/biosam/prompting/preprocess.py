@@ -212,9 +212,9 @@ def resample_to_frame(
     grid = torch.stack([gx[None, :].expand(LOW_RES, -1), gy[:, None].expand(-1, LOW_RES)], dim=-1)
     grid = grid.to(values.device, values.dtype).expand(len(values), -1, -1, -1)
     out = F.grid_sample(values, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    h, w = frame.low_res_extent
-    out[..., h:, :] = fill
-    out[..., :, w:] = fill
+    rows, cols = frame.low_res_extent
+    out[..., rows:, :] = fill
+    out[..., :, cols:] = fill
     return out
 
 
