@@ -94,6 +94,7 @@ def main() -> None:
     rows = [
         ("image", f"{args.side} x {args.side} uint8 mosaic of NIH3T3 nuclei images, {int(truth.max())} nuclei"),
         ("command", " ".join(["biosam", *cmd[3:]]).replace(str(args.workdir) + "/", "")),
+        ("object size (px; estimated unless given)", f"{report['object_size']}"),
         ("scale applied", f"{report['scale']:.3f}"),
         ("objects found", f"{report['objects']}"),
         ("wall time", f"{seconds:.0f} s"),

@@ -28,6 +28,7 @@ slice to the object's farther end (the correction a user makes where a
 propagation went wrong).
 
     python benchmarks/volume_quality.py [--model lite_medsam] [--projection box ...] [--plot dice.png]
+                                        [--sets NAME ...] [--min-score 0.5 --min-overlap 0.3 --max-shift 1.5]
                                         [--out table.md]
     python benchmarks/volume_quality.py --truth-ends [--sets NAME --plot ends.png]   # where the truth
                                         # itself hands an object on to another (no model needed)
@@ -37,7 +38,9 @@ from __future__ import annotations
 
 import argparse
 import platform
+import re
 import time
+from collections import Counter
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -171,6 +174,24 @@ def diagnose(labels, ids, prompts, predicted, oracle_labels) -> tuple[list[dict]
     return objects, curve
 
 
+def early_rules(labels: np.ndarray, ids: list[int], result, keep: list[int]) -> list[str]:
+    """The stop rule behind each end of the objects ``keep`` where one stopped before its truth did (numbers
+    dropped)."""
+    out = []
+    for k in keep:
+        i = ids[k]
+        t_z = np.flatnonzero((labels == i).any(axis=(1, 2)))
+        first, last = result.z_range[k]
+        if first < 0:
+            out.append("nothing found")
+            continue
+        for side, early in ((0, first > t_z[0]), (1, last < t_z[-1])):
+            if early:
+                why = result.ends[k, side]
+                out.append("not recorded" if why is None else re.sub(r"\d+(\.\d+)?", "#", why.split(": ", 1)[1]))
+    return out
+
+
 def continued_ends(labels: np.ndarray, ids: list[int]) -> tuple[int, list[tuple[int, int, int, int, float]]]:
     """Ends of the objects inside the stack, and those that go on as another object: ``(label, last slice, next
     slice, other label, IoU)`` where more than half of the object's last mask lies on one other label there."""
@@ -249,6 +270,10 @@ def main() -> int:
     parser.add_argument("--projection", nargs="+", default=["box", "learned"], choices=PROJECTIONS)
     parser.add_argument("--adapter", type=Path, help="propagation adapter for 'learned' (default: the shipped one)")
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
+    parser.add_argument("--min-score", type=float, default=PropagationSettings.min_score)
+    parser.add_argument("--min-overlap", type=float, default=PropagationSettings.min_overlap)
+    parser.add_argument("--max-shift", type=float, default=PropagationSettings.max_shift,
+                        help="stop rules (PropagationSettings); e.g. 0, 0, inf switch those three off")
     parser.add_argument("--plot", type=Path, help="write the Dice-against-distance plot (PNG) here")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--truth-ends", action="store_true",
@@ -276,7 +301,8 @@ def main() -> int:
         ids, prompts = largest_slice_prompts(labels, min_slices, min_area)
         best = None
         for projection in args.projection:
-            settings = PropagationSettings(projection=projection)
+            settings = PropagationSettings(projection=projection, min_score=args.min_score,
+                                           min_overlap=args.min_overlap, max_shift=args.max_shift)
             start = time.perf_counter()
             result = segment_volume(predictor, volume, prompts, settings, progress=False, adapter=args.adapter)
             seconds = time.perf_counter() - start
@@ -296,6 +322,8 @@ def main() -> int:
                              f"{np.mean([twice[k] for k in keep]):.3f}", f"{o.mean():.3f}", f"{o.mean() - d.mean():.3f}",
                              *(str(counts[r]) for r in REASONS), f"{seconds:.0f}"])
                 print(" | ".join(rows[-1]), flush=True)
+                print(f"  early ends by the rule that stopped them: "
+                      f"{dict(Counter(early_rules(labels, ids, result, keep)))}")
     header = ["volume", "objects", "shape (z, y, x)", "n", "projection", "3D Dice, propagated", "two slices",
               "oracle", "gap", *(f"ends: {r}" for r in REASONS), "seconds (all objects)"]
     text = (f"Model {args.model} on {platform.processor() or platform.machine()}, one box per object on its largest "

@@ -7,6 +7,7 @@ and the ISBI 2012 serial-section EM labels (Cardona et al. 2010), both in ../sha
 from __future__ import annotations
 
 import json
+import re
 
 import imageio.v3 as iio
 import numpy as np
@@ -125,6 +126,17 @@ def test_box_on_the_middle_slice_segments_nuclei_in_3d(nuclei_3d, propagated):
         assert result.z_range[k, 0] <= p.z <= result.z_range[k, 1]
         present = ~np.isnan(result.scores[k])
         assert present[p.z] and not present[: result.z_range[k, 0]].any() and not present[result.z_range[k, 1] + 1:].any()
+    # why each object stopped, on the first slice it was not drawn on; nothing where it reached the volume's edge
+    depth, stopped = truth.shape[0], re.compile(r"(predicted IoU|area|no overlap|intensity|ran into)")
+    for (first, last), (down, up) in zip(result.z_range, result.ends):
+        assert first >= 0  # every prompt gave a mask
+        for end, edge, why, step in ((first, 0, down, -1), (last, depth - 1, up, 1)):
+            if end == edge:
+                assert why is None
+            else:
+                z, rule = why.split(": ", 1)
+                assert z == f"slice {end + step}" and stopped.match(rule), why
+    assert any(why is not None for why in result.ends.ravel())
 
 
 def _dice(truth: np.ndarray, ids: list[int], labels: np.ndarray) -> np.ndarray:
@@ -225,6 +237,8 @@ def test_volume_command(nuclei_3d, tmp_path):
     assert iio.imread(tmp_path / "overlay.png").shape == (61, 57, 3)
     for obj, k in zip(report["objects"], chosen):
         assert obj["z_first"] <= prompts[k].z <= obj["z_last"] and obj["voxels"] == (labels == obj["label"]).sum()
+        for why, end, edge in zip(obj["ended"], (obj["z_first"], obj["z_last"]), (0, 11)):
+            assert (why is None) == (end == edge), obj  # a reason wherever it stopped inside the volume
         z = prompts[k].z  # the prompted slice is segmented as in 2D
         assert _best_iou(truth[z] == ids[k], labels[z]) >= 0.5
     # the output is not replaced without --overwrite, and bad input leaves nothing behind

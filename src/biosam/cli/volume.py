@@ -163,7 +163,8 @@ def volume(image, output, prompts_file, projection, adapter, min_score, min_over
             found = first >= 0
             found_objects.append({"label": i + 1, "prompt_z": [int(p.z) for p in obj], "z_first": first if found else None,
                             "z_last": last if found else None, "voxels": int(voxels[i + 1]),
-                            "mean_score": round(float(np.nanmean(result.scores[i])), 4) if found else None})
+                            "mean_score": round(float(np.nanmean(result.scores[i])), 4) if found else None,
+                            "ended": list(result.ends[i])})  # why it stopped going down, up (null: the edge)
         click.echo(json.dumps({"image": str(image), "input": meta.summary(), "model": predictor.info.name,
                                "projection": result.projection, "output": str(output),
                                "overlay": str(overlay) if overlay else None, "warnings": warnings,

@@ -29,9 +29,9 @@ __all__ = ["track_objects"]
 
 
 def track_objects(predictor: Predictor, volume, objects: list[list[Prompt]], settings, normalize, labels, scores,
-                  progress: bool) -> None:
-    """Fill ``labels`` (Z, Y, X) and ``scores`` (n, Z; object probability) for SAM 2 objects, each a list of
-    prompts on its slices (see segment_volume)."""
+                  ends, progress: bool) -> None:
+    """Fill ``labels`` (Z, Y, X), ``scores`` (n, Z; object probability) and ``ends`` (n, 2; why each object
+    stopped down and up) for SAM 2 objects, each a list of prompts on its slices (see segment_volume)."""
     model = predictor.model
     depth, height, width = labels.shape
     frame = Frame.create((height, width), model.image_size, "sam2")
@@ -71,11 +71,16 @@ def track_objects(predictor: Predictor, volume, objects: list[list[Prompt]], set
                 i, k = present[j], mine[j]
                 # never ends on or between its prompted slices
                 kept = z in slices.z[i] or slices.between(i, z)
-                ended = probability[k] < settings.min_score or own.sum() < settings.min_area
-                if not kept and not ended and own.sum() < settings.min_own * masks[k].sum():
-                    ended = True  # ran into an object nearer its own prompted slice
+                ended = None
+                if probability[k] < settings.min_score:
+                    ended = f"object score {probability[k]:.2f} < {settings.min_score}"
+                elif own.sum() < settings.min_area:
+                    ended = f"area {int(own.sum())} px < {settings.min_area}"
+                elif own.sum() < settings.min_own * masks[k].sum():
+                    ended = "ran into another object"  # an object nearer its own prompted slice
                 if ended and not kept:
-                    logger.debug("object %d ends before slice %d", i, z)
+                    logger.debug("object %d ends before slice %d: %s", i, z, ended)
+                    ends[i, int(not reverse)] = f"slice {z}: {ended}"
                     state.stop_object(i)
                     continue
                 if own.any():
