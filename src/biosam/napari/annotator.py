@@ -386,7 +386,8 @@ class AnnotatorWidget(QWidget):
             self.viewer.dims.set_point(axis, session.z * image.scale[0] + image.translate[0])
         for message in session.warnings:
             self._notify(message, warning=True)
-        self._say(f"Segmented ({int(session.current.sum())} px); press C to commit.")
+        reach = f", {session.reach}" if session.reach else ""
+        self._say(f"Segmented ({int(session.current.sum())} px{reach}); press C to commit.")
 
     def _show_mode(self) -> None:
         self.mode_label.setText(f"New points are {POSITIVE if self._positive else NEGATIVE} (T switches).")

@@ -71,6 +71,8 @@ class AnnotationSession:
         self.points = np.zeros((0, 2))
         self.point_labels = np.zeros(0, dtype=np.int64)
         self.warnings: list[str] = []
+        # after a propagation: the slices the object spans and why it stopped where it did
+        self.reach = ""
         self._embedded_z: int | None = None
         self._history: list[_Commit] = []
         # the current object's prompts followed through the volume, by slice
@@ -133,6 +135,7 @@ class AnnotationSession:
         result = self.predictor.predict(box=prompt.box, points=prompt.points, point_labels=prompt.point_labels,
                                         zoom=self.zoom)
         mask = result.masks[0]
+        self.reach = ""
         if not mask.any():
             self.warnings.append("the object came back empty: check that the box frames it.")
         plane = self.current[self.z] if self.is_volume else self.current
@@ -152,6 +155,9 @@ class AnnotationSession:
                                 progress=False)
         self._embedded_z = None  # the predictor now holds some other slice
         self.current[...] = result.labels > 0
+        first, last = (int(z) for z in result.z_range[0])
+        stops = " and ".join(why for why in result.ends[0] if why)
+        self.reach = f"slices {first}-{last}" + (f", stopped at {stops}" if stops else "") if first >= 0 else ""
         if not self.current.any():
             self.warnings.append("the object came back empty on its prompted slice: check that the box frames it.")
         return self.current
@@ -183,6 +189,7 @@ class AnnotationSession:
         self.volume_prompts = {}
         self.current[...] = 0
         self.warnings = []
+        self.reach = ""
 
     def undo(self) -> int | None:
         """Take the last commit back; returns its id, or None when nothing is left to undo."""
