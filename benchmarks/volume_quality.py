@@ -144,21 +144,25 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * np.logical_and(a, b).sum() / total) if total else 1.0
 
 
-def diagnose(labels, ids, prompts, predicted, oracle_labels) -> tuple[list[dict], list[tuple[int, float, float]]]:
-    """Per object: 3D Dice (propagated, oracle) and end reasons; per (object, slice): distance, both Dice."""
+def diagnose(labels, ids, prompts, result, oracle_labels) -> tuple[list[dict], list[tuple[int, float, float]]]:
+    """Per object: 3D Dice (propagated, oracle), end reasons and, for each end reached too early, the stop rule
+    that ended it (``result.ends``, numbers dropped); per (object, slice): distance, both Dice."""
     objects, curve = [], []
     for k, (i, prompt) in enumerate(zip(ids, prompts)):
-        truth, found, best = labels == i, predicted == k + 1, oracle_labels == k + 1
+        truth, found, best = labels == i, result.labels == k + 1, oracle_labels == k + 1
         t_z = np.flatnonzero(truth.any(axis=(1, 2)))
         p_z = np.flatnonzero(found.any(axis=(1, 2)))
         for z in t_z:
             curve.append((abs(int(z) - prompt.z), dice(truth[z], found[z]), dice(truth[z], best[z])))
-        reasons = set()
-        for side, t_end, p_end in (("below", t_z[0], p_z[0] if len(p_z) else prompt.z),
-                                   ("above", t_z[-1], p_z[-1] if len(p_z) else prompt.z)):
-            sign = -1 if side == "below" else 1
+        reasons, rules = set(), []
+        for side, t_end, p_end in ((0, t_z[0], p_z[0] if len(p_z) else prompt.z),
+                                   (1, t_z[-1], p_z[-1] if len(p_z) else prompt.z)):
+            sign = -1 if side == 0 else 1
             if (p_end - t_end) * sign < 0:
                 reasons.add("early")
+                why = "nothing found" if not len(p_z) else result.ends[k, side]
+                rules.append("its last pixels taken by a nearer object" if why is None
+                             else re.sub(r"\d+(\.\d+)?", "#", why.split(": ", 1)[-1]))
             if (p_end - t_end) * sign > 0:
                 reasons.add("past")
         other = (labels > 0) & ~truth
@@ -170,26 +174,9 @@ def diagnose(labels, ids, prompts, predicted, oracle_labels) -> tuple[list[dict]
         tail = [z for z in shared if abs(z - prompt.z) >= 2 / 3 * max(abs(shared - prompt.z).max(), 1)]
         if any(found[z].sum() < 0.5 * truth[z].sum() for z in tail):
             reasons.add("shrank")
-        objects.append({"dice": dice(truth, found), "oracle": dice(truth, best), "reasons": reasons})
+        objects.append({"dice": dice(truth, found), "oracle": dice(truth, best), "reasons": reasons,
+                        "rules": rules})
     return objects, curve
-
-
-def early_rules(labels: np.ndarray, ids: list[int], result, keep: list[int]) -> list[str]:
-    """The stop rule behind each end of the objects ``keep`` where one stopped before its truth did (numbers
-    dropped)."""
-    out = []
-    for k in keep:
-        i = ids[k]
-        t_z = np.flatnonzero((labels == i).any(axis=(1, 2)))
-        first, last = result.z_range[k]
-        if first < 0:
-            out.append("nothing found")
-            continue
-        for side, early in ((0, first > t_z[0]), (1, last < t_z[-1])):
-            if early:
-                why = result.ends[k, side]
-                out.append("not recorded" if why is None else re.sub(r"\d+(\.\d+)?", "#", why.split(": ", 1)[1]))
-    return out
 
 
 def continued_ends(labels: np.ndarray, ids: list[int]) -> tuple[int, list[tuple[int, int, int, int, float]]]:
@@ -309,7 +296,7 @@ def main() -> int:
             two = segment_volume(predictor, volume, second_prompts(labels, ids, prompts), settings, progress=False,
                                  adapter=args.adapter)
             best = oracle(predictor, volume, labels, ids, result.normalize) if best is None else best
-            objects, curve = diagnose(labels, ids, prompts, result.labels, best)
+            objects, curve = diagnose(labels, ids, prompts, result, best)
             twice = [dice(labels == i, two.labels == k + 1) for k, i in enumerate(ids)]
             curves[f"{name.split(' (')[0]} ({projection})"] = curve
             for part in ("tuning", "held aside"):
@@ -323,7 +310,7 @@ def main() -> int:
                              *(str(counts[r]) for r in REASONS), f"{seconds:.0f}"])
                 print(" | ".join(rows[-1]), flush=True)
                 print(f"  early ends by the rule that stopped them: "
-                      f"{dict(Counter(early_rules(labels, ids, result, keep)))}")
+                      f"{dict(Counter(rule for k in keep for rule in objects[k]['rules']))}")
     header = ["volume", "objects", "shape (z, y, x)", "n", "projection", "3D Dice, propagated", "two slices",
               "oracle", "gap", *(f"ends: {r}" for r in REASONS), "seconds (all objects)"]
     text = (f"Model {args.model} on {platform.processor() or platform.machine()}, one box per object on its largest "
